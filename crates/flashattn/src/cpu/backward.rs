@@ -1,0 +1,187 @@
+//! Flash backward on the CPU, by recomputation from the saved log-sum-exp.
+//!
+//! A task owns a chunk of keys of one key/value head: it accumulates dK and dV of those keys over every query
+//! head of the group and every query block that sees them, and adds its share of dQ to a per-chunk f32 slab.
+//! Per (key block, query block): S = QK^T, P = exp(S - lse), dV += P^T dO, dP = dO V^T,
+//! dS = P (dP - D) scale, dQ += dS K, dK += dS^T Q, with D = rowsum(dO o O).
+
+use super::forward::{block_m, BLOCK_N};
+use super::gemm::{gemm, MatA, MatB, MatC, Update};
+use super::pack::{self, round_up, zeroed};
+use super::scores::ScoreMap;
+use super::simd::{exp, Simd};
+use super::Task;
+use crate::dtype::Element;
+use crate::problem::{Access, Plan};
+use crate::reference::SharedMut;
+use crate::tensor::TensorRef;
+use std::ops::Range;
+
+#[derive(Default)]
+pub(crate) struct Scratch {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    k: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    q: Vec<f32>,
+    dout: Vec<f32>,
+    lse: Vec<f32>,
+    delta: Vec<f32>,
+    p: Vec<f32>,
+    ds: Vec<f32>,
+    dcap: Vec<f32>,
+}
+
+/// The inputs and outputs of a backward pass, shared by all tasks.
+pub(crate) struct BwdArgs<'a, T> {
+    pub plan: &'a Plan,
+    pub q: &'a TensorRef<'a, T>,
+    pub k: &'a TensorRef<'a, T>,
+    pub v: &'a TensorRef<'a, T>,
+    pub o: &'a TensorRef<'a, T>,
+    pub dout: &'a TensorRef<'a, T>,
+    pub lse: &'a [f32],
+    /// Where o and dout live (their strides may differ from q's).
+    pub o_acc: Access,
+    pub dout_acc: Access,
+    /// f32 dQ partials, one slab per key chunk: (chunk, token, head_q, ld).
+    pub dq_slabs: SharedMut<f32>,
+    pub slab_len: usize,
+    /// Row length of a slab, at least the task's padded head dimension.
+    pub slab_ld: usize,
+    pub dk: SharedMut<T>,
+    pub dv: SharedMut<T>,
+}
+
+/// The query rows (of `0..len_q`) that see at least one key of `keys`: a contiguous range, since both ends of
+/// each row's visible keys grow with the row.
+pub(crate) fn rows_seeing(map: &ScoreMap, len_q: usize, keys: Range<usize>) -> Range<usize> {
+    let first = partition_point(len_q, |i| {
+        let r = map.mask.keys(i);
+        r.is_empty() || r.end <= keys.start
+    });
+    let end = partition_point(len_q, |i| map.mask.keys(i).start < keys.end);
+    first..end.max(first)
+}
+
+/// The first index in `0..n` where `pred` turns false (`pred` is true on a prefix).
+fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Runs one task: keys `task.keys` of key/value head `task.head_kv`, dQ into slab `task.chunk`.
+///
+/// # Safety
+/// The CPU supports `S`; no other task writes these keys of dk and dv or this slab's rows of the group's heads.
+#[inline(always)]
+pub(crate) unsafe fn task<S: Simd, T: Element>(args: &BwdArgs<T>, task: &Task, sc: &mut Scratch) {
+    let plan = args.plan;
+    let (d, nr, seq, hk) = (plan.head_dim, 2 * S::W, task.seq, task.head_kv);
+    let ld = round_up(d, nr);
+    let keys = task.rows.clone();
+    let nk = keys.len();
+    pack::panels(args.k.data, &plan.k, seq, hk, keys.clone(), d, nr, &mut sc.kt);
+    pack::panels(args.v.data, &plan.v, seq, hk, keys.clone(), d, nr, &mut sc.vt);
+    pack::rows(args.k.data, &plan.k, seq, hk, keys.clone(), d, ld, 1.0, &mut sc.k);
+    zeroed(&mut sc.dk, nk * ld);
+    zeroed(&mut sc.dv, nk * ld);
+    let scale = plan.mask.scale;
+    let bm = block_m::<S>();
+    let token_stride = plan.heads_q * args.slab_ld;
+    let slab = args.dq_slabs.0.add(task.chunk * args.slab_len);
+    for h in hk * plan.group()..(hk + 1) * plan.group() {
+        let map = ScoreMap::new(plan, seq, h);
+        let rows = rows_seeing(&map, plan.len_q[seq], keys.clone());
+        if rows.is_empty() {
+            continue;
+        }
+        pack::rows(args.q.data, &plan.q, seq, h, rows.clone(), d, ld, 1.0, &mut sc.q);
+        pack::rows(args.dout.data, &args.dout_acc, seq, h, rows.clone(), d, ld, 1.0, &mut sc.dout);
+        sc.lse.clear();
+        sc.delta.clear();
+        for i in rows.clone() {
+            sc.lse.push(args.lse[plan.lse.index(seq, i, h)]);
+            let (ob, db) = (args.o_acc.index(seq, i, h), args.dout_acc.index(seq, i, h));
+            let dot = (0..d).map(|c| args.o.data[ob + c].to_f32() * args.dout.data[db + c].to_f32()).sum::<f32>();
+            sc.delta.push(dot);
+        }
+        let mut j0 = keys.start;
+        while j0 < keys.end {
+            let j1 = (j0 + BLOCK_N).min(keys.end);
+            let (nc, ncp, first) = (j1 - j0, round_up(j1 - j0, nr), j0 - keys.start);
+            let block_rows = rows_seeing(&map, plan.len_q[seq], j0..j1);
+            let block_rows = block_rows.start.max(rows.start)..block_rows.end.min(rows.end);
+            for i0 in block_rows.clone().step_by(bm) {
+                let i1 = (i0 + bm).min(block_rows.end);
+                let (m, qi) = (i1 - i0, i0 - rows.start);
+                let p = zeroed(&mut sc.p, m * BLOCK_N);
+                let ds = zeroed(&mut sc.ds, m * BLOCK_N);
+                let dcap = zeroed(&mut sc.dcap, m * BLOCK_N);
+                let qa = MatA { ptr: sc.q.as_ptr().add(qi * ld), rs: ld, cs: 1 };
+                let da = MatA { ptr: sc.dout.as_ptr().add(qi * ld), rs: ld, cs: 1 };
+                gemm::<S>(m, ncp, d, qa, MatB { ptr: sc.kt.as_ptr().add(first * d), rs: nr, ps: d * nr }, MatC { ptr: p.as_mut_ptr(), rs: BLOCK_N }, Update::Set);
+                gemm::<S>(m, ncp, d, da, MatB { ptr: sc.vt.as_ptr().add(first * d), rs: nr, ps: d * nr }, MatC { ptr: ds.as_mut_ptr(), rs: BLOCK_N }, Update::Set);
+                let full = map.mask.block_is_full(i0..i1, j0..j1);
+                let softcap = plan.mask.softcap.is_some();
+                for r in 0..m {
+                    let span = r * BLOCK_N..r * BLOCK_N + ncp;
+                    let dcap_row = if softcap { Some(&mut dcap[span.clone()]) } else { None };
+                    map.row::<S>(&mut p[span.clone()], i0 + r, j0, nc, full, dcap_row);
+                    grad_row::<S>(&mut p[span.clone()], &mut ds[span.clone()], softcap.then(|| &dcap[span]), sc.lse[qi + r], sc.delta[qi + r], scale);
+                }
+                let (pt, dst) = (MatA { ptr: p.as_ptr(), rs: 1, cs: BLOCK_N }, MatA { ptr: ds.as_ptr(), rs: 1, cs: BLOCK_N });
+                let dout_b = MatB { ptr: sc.dout.as_ptr().add(qi * ld), rs: ld, ps: nr };
+                let q_b = MatB { ptr: sc.q.as_ptr().add(qi * ld), rs: ld, ps: nr };
+                gemm::<S>(nc, ld, m, pt, dout_b, MatC { ptr: sc.dv.as_mut_ptr().add(first * ld), rs: ld }, Update::Add);
+                gemm::<S>(nc, ld, m, dst, q_b, MatC { ptr: sc.dk.as_mut_ptr().add(first * ld), rs: ld }, Update::Add);
+                let token = plan.o.index(seq, i0, 0) / (plan.heads_q * d);
+                let dq = MatC { ptr: slab.add(token * token_stride + h * args.slab_ld), rs: token_stride };
+                let k_b = MatB { ptr: sc.k.as_ptr().add(first * ld), rs: ld, ps: nr };
+                gemm::<S>(m, ld, nc, MatA { ptr: ds.as_ptr(), rs: BLOCK_N, cs: 1 }, k_b, dq, Update::Add);
+            }
+            j0 = j1;
+        }
+    }
+    for (r, j) in keys.enumerate() {
+        let base = plan.dkv.index(seq, j, hk);
+        for c in 0..d {
+            args.dk.write(base + c, T::from_f32(sc.dk[r * ld + c]));
+            args.dv.write(base + c, T::from_f32(sc.dv[r * ld + c]));
+        }
+    }
+}
+
+/// Scores to probabilities `P = exp(s - lse)` (in `p`) and the products dO.V to
+/// `dS = P (dP - D) scale [1 - tanh^2]` (in `ds`), for one row.
+#[inline(always)]
+unsafe fn grad_row<S: Simd>(p: &mut [f32], ds: &mut [f32], dcap: Option<&[f32]>, lse: f32, delta: f32, scale: f32) {
+    unsafe {
+        if lse == f32::NEG_INFINITY {
+            // The row sees no key: it has no probabilities and passes no gradient.
+            p.fill(0.0);
+            ds.fill(0.0);
+            return;
+        }
+        let (pp, dp) = (p.as_mut_ptr(), ds.as_mut_ptr());
+        let (lv, dv, sv) = (S::splat(lse), S::splat(delta), S::splat(scale));
+        for t in (0..p.len()).step_by(S::W) {
+            let prob = exp::<S>(S::sub(S::load(pp.add(t)), lv));
+            S::store(pp.add(t), prob);
+            let mut g = S::mul(S::mul(prob, S::sub(S::load(dp.add(t)), dv)), sv);
+            if let Some(dc) = dcap {
+                g = S::mul(g, S::load(dc.as_ptr().add(t)));
+            }
+            S::store(dp.add(t), g);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Flash forward on the CPU: for each block of query rows, stream key/value blocks through an online softmax.
+//! Nothing of size seqlen_q x seqlen_k exists; a worker holds one task's keys and values and one block of scores.
+
+use super::gemm::{gemm, MatA, MatB, MatC, Update};
+use super::pack::{self, round_up, zeroed};
+use super::scores::ScoreMap;
+use super::simd::{exp, Simd};
+use super::Task;
+use crate::dtype::Element;
+use crate::problem::Plan;
+use crate::reference::SharedMut;
+use crate::tensor::TensorRef;
+
+/// Key/value columns per block of scores.
+pub(crate) const BLOCK_N: usize = 128;
+
+/// A worker's scratch, reused across its tasks.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    corr: Vec<f32>,
+}
+
+/// The inputs and outputs of a forward pass, shared by all tasks.
+pub(crate) struct FwdArgs<'a, T> {
+    pub plan: &'a Plan,
+    pub q: &'a TensorRef<'a, T>,
+    pub k: &'a TensorRef<'a, T>,
+    pub v: &'a TensorRef<'a, T>,
+    pub out: SharedMut<T>,
+    pub lse: SharedMut<f32>,
+}
+
+/// Query rows per block: about 64, a whole number of micro-kernel tiles.
+pub(crate) fn block_m<S: Simd>() -> usize {
+    64usize.div_ceil(S::MR) * S::MR
+}
+
+/// Runs one task: the query rows `task.rows` of every query head that shares key/value head `task.head_kv`.
+///
+/// # Safety
+/// The CPU supports `S`; no other task writes these rows of `out` and `lse`.
+#[inline(always)]
+pub(crate) unsafe fn task<S: Simd, T: Element>(args: &FwdArgs<T>, task: &Task, scratch: &mut Scratch) {
+    let plan = args.plan;
+    let (d, nr) = (plan.head_dim, 2 * S::W);
+    let ld = round_up(d, nr);
+    let seq = task.seq;
+    let keys = super::task_keys(plan, task);
+    pack::panels(args.k.data, &plan.k, seq, task.head_kv, keys.clone(), d, nr, &mut scratch.kt);
+    pack::rows(args.v.data, &plan.v, seq, task.head_kv, keys.clone(), d, ld, 1.0, &mut scratch.v);
+    let bm = block_m::<S>();
+    for h in task.head_kv * plan.group()..(task.head_kv + 1) * plan.group() {
+        let map = ScoreMap::new(plan, seq, h);
+        for r0 in task.rows.clone().step_by(bm) {
+            let rows = r0..(r0 + bm).min(task.rows.end);
+            pack::rows(args.q.data, &plan.q, seq, h, rows.clone(), d, d, 1.0, &mut scratch.q);
+            let m = rows.len();
+            let o = zeroed(&mut scratch.o, m * ld);
+            let max = &mut scratch.max;
+            max.clear();
+            max.resize(m, f32::NEG_INFINITY);
+            zeroed(&mut scratch.sum, m);
+            zeroed(&mut scratch.corr, m);
+            let s = zeroed(&mut scratch.s, m * BLOCK_N);
+            // Blocks start on panel boundaries of the packed keys.
+            let visible = map.mask.keys_of_rows(rows.clone());
+            let visible = visible.start.max(keys.start)..visible.end.min(keys.end);
+            let mut c0 = keys.start + (visible.start.saturating_sub(keys.start)) / nr * nr;
+            while c0 < visible.end {
+                let c1 = (c0 + BLOCK_N).min(visible.end);
+                let (nc, ncp) = (c1 - c0, round_up(c1 - c0, nr));
+                let first = c0 - keys.start;
+                unsafe {
+                    gemm::<S>(
+                        m,
+                        ncp,
+                        d,
+                        MatA { ptr: scratch.q.as_ptr(), rs: d, cs: 1 },
+                        MatB { ptr: scratch.kt.as_ptr().add(first * d), rs: nr, ps: d * nr },
+                        MatC { ptr: s.as_mut_ptr(), rs: BLOCK_N },
+                        Update::Set,
+                    );
+                }
+                let full = map.mask.block_is_full(rows.clone(), c0..c1);
+                for r in 0..m {
+                    let row = &mut s[r * BLOCK_N..r * BLOCK_N + ncp];
+                    unsafe {
+                        map.row::<S>(row, rows.start + r, c0, nc, full, None);
+                        scratch.corr[r] = softmax_row::<S>(row, &mut max[r], &mut scratch.sum[r]);
+                    }
+                }
+                unsafe {
+                    gemm::<S>(
+                        m,
+                        ld,
+                        nc,
+                        MatA { ptr: s.as_ptr(), rs: BLOCK_N, cs: 1 },
+                        MatB { ptr: scratch.v.as_ptr().add(first * ld), rs: ld, ps: nr },
+                        MatC { ptr: o.as_mut_ptr(), rs: ld },
+                        Update::Rescale(scratch.corr.as_ptr()),
+                    );
+                }
+                c0 = c1;
+            }
+            for r in 0..m {
+                let i = rows.start + r;
+                let (l, mx) = (scratch.sum[r], max[r]);
+                let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+                let base = plan.o.index(seq, i, h);
+                for c in 0..d {
+                    unsafe { args.out.write(base + c, T::from_f32(o[r * ld + c] * inv)) };
+                }
+                let lse = if l > 0.0 { mx + l.ln() } else { f32::NEG_INFINITY };
+                unsafe { args.lse.write(plan.lse.index(seq, i, h), lse) };
+            }
+        }
+    }
+}
+
+/// One step of the online softmax on a row of scores: updates the running max and sum, replaces the scores by
+/// `exp(s - max)` and returns the factor that rescales the row's earlier accumulation.
+#[inline(always)]
+unsafe fn softmax_row<S: Simd>(row: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
+    unsafe {
+        let p = row.as_mut_ptr();
+        let mut mv = S::splat(f32::NEG_INFINITY);
+        for t in (0..row.len()).step_by(S::W) {
+            mv = S::max(mv, S::load(p.add(t)));
+        }
+        let new_max = max.max(S::hmax(mv));
+        // A row that has seen no key yet keeps a max of -inf; subtract 0 so its scores stay exp(-inf) = 0.
+        let shift = if new_max == f32::NEG_INFINITY { 0.0 } else { new_max };
+        let corr = (*max - shift).exp();
+        let sh = S::splat(shift);
+        let mut acc = S::splat(0.0);
+        for t in (0..row.len()).step_by(S::W) {
+            let e = exp::<S>(S::sub(S::load(p.add(t)), sh));
+            S::store(p.add(t), e);
+            acc = S::add(acc, e);
+        }
+        *max = new_max;
+        *sum = *sum * corr + S::hsum(acc);
+        corr
+    }
+}

@@ -1,0 +1,39 @@
+//! Borrowed host tensors: a slice with a shape and element strides.
+
+/// A read-only view of a host tensor. The last dimension must be contiguous (stride 1); the others may have any
+/// stride, so slices of larger tensors (a packed qkv projection, say) are read in place without copies.
+#[derive(Clone, Debug)]
+pub struct TensorRef<'a, T> {
+    pub data: &'a [T],
+    pub shape: Vec<usize>,
+    pub strides: Vec<usize>,
+}
+
+impl<'a, T> TensorRef<'a, T> {
+    /// A row-major (C-contiguous) tensor of the given shape.
+    pub fn new(data: &'a [T], shape: &[usize]) -> Self {
+        TensorRef { data, shape: shape.to_vec(), strides: contiguous_strides(shape) }
+    }
+
+    /// A tensor with explicit strides, in elements.
+    pub fn strided(data: &'a [T], shape: &[usize], strides: &[usize]) -> Self {
+        TensorRef { data, shape: shape.to_vec(), strides: strides.to_vec() }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Row-major strides of a shape.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
