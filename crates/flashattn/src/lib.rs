@@ -105,9 +105,7 @@ fn run_forward<T: Element>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &
         Backend::Reference => {
             plan.check_output("out", out.len(), plan.q_numel())?;
             plan.check_output("lse", lse.len(), plan.lse_len())?;
-            let r = reference::forward(plan, q, k, v, reference::Precision::F64);
-            out.iter_mut().zip(&r.out).for_each(|(o, &x)| *o = T::from_f32(x as f32));
-            lse.iter_mut().zip(&r.lse).for_each(|(o, &x)| *o = x as f32);
+            reference::forward_into(plan, (q, k, v), reference::Precision::F64, (out, lse), |x| T::from_f32(x as f32), |x| x as f32);
             Ok(())
         }
         Backend::Cpu(isa) => cpu::forward(plan, isa, q, k, v, out, lse),
@@ -163,10 +161,7 @@ fn run_backward<T: Element>(plan: &Plan, qkv: Inputs<T>, o: &TensorRef<T>, lse: 
             plan.check_output("dq", dq.len(), plan.q_numel())?;
             plan.check_output("dk", dk.len(), plan.kv_numel())?;
             plan.check_output("dv", dv.len(), plan.kv_numel())?;
-            let r = reference::backward(plan, qkv.0, qkv.1, qkv.2, dout, reference::Precision::F64);
-            for (dst, src) in [(dq, &r.dq), (dk, &r.dk), (dv, &r.dv)] {
-                dst.iter_mut().zip(src).for_each(|(o, &x)| *o = T::from_f32(x as f32));
-            }
+            reference::backward_into(plan, qkv, dout, reference::Precision::F64, (dq, dk, dv), |x| T::from_f32(x as f32));
             Ok(())
         }
         Backend::Cpu(isa) => cpu::backward(plan, isa, qkv, o, lse, dout, grads),

@@ -84,23 +84,51 @@ pub struct RefGradients {
 
 /// Standard attention forward on a validated plan.
 pub fn forward<T: Element>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, precision: Precision) -> RefForward {
-    match precision {
-        Precision::F64 => forward_in::<T, f64>(plan, q, k, v, DType::F32, false),
-        Precision::Native => forward_in::<T, f32>(plan, q, k, v, T::DTYPE, true),
-    }
+    let mut out = vec![0.0f64; plan.q_numel()];
+    let mut lse = vec![0.0f64; plan.lse_len()];
+    forward_into(plan, (q, k, v), precision, (&mut out, &mut lse), |x| x, |x| x);
+    RefForward { out, lse }
 }
 
 /// Standard attention backward on a validated plan (o is not needed: it is recomputed in the working precision).
 pub fn backward<T: Element>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, dout: &TensorRef<T>, precision: Precision) -> RefGradients {
+    let mut dq = vec![0.0f64; plan.q_numel()];
+    let mut dk = vec![0.0f64; plan.kv_numel()];
+    let mut dv = vec![0.0f64; plan.kv_numel()];
+    backward_into(plan, (q, k, v), dout, precision, (&mut dq, &mut dk, &mut dv), |x| x);
+    RefGradients { dq, dk, dv }
+}
+
+type Qkv<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
+
+/// The forward into outputs of any element type (`conv_o`, `conv_lse` convert from f64).
+pub(crate) fn forward_into<T: Element, O: Send, L: Send>(
+    plan: &Plan,
+    (q, k, v): Qkv<T>,
+    precision: Precision,
+    (out, lse): (&mut [O], &mut [L]),
+    conv_o: impl Fn(f64) -> O + Sync,
+    conv_lse: impl Fn(f64) -> L + Sync,
+) {
+    let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
     match precision {
-        Precision::F64 => backward_in::<T, f64>(plan, q, k, v, dout, DType::F32, false),
-        Precision::Native => backward_in::<T, f32>(plan, q, k, v, dout, T::DTYPE, true),
+        Precision::F64 => forward_in::<T, f64, O, L>(plan, q, k, v, DType::F32, false, po, pl, &conv_o, &conv_lse),
+        Precision::Native => forward_in::<T, f32, O, L>(plan, q, k, v, T::DTYPE, true, po, pl, &conv_o, &conv_lse),
     }
 }
 
-/// Peak bytes the reference allocates per worker for one head: the score matrix (and, backward, its gradient).
-pub fn scratch_bytes(seqlen_q: usize, seqlen_k: usize, backward: bool) -> usize {
-    seqlen_q * seqlen_k * 8 * if backward { 2 } else { 1 }
+/// The backward into gradients of any element type (`conv` converts from f64).
+pub(crate) fn backward_into<T: Element, O: Send>(plan: &Plan, (q, k, v): Qkv<T>, dout: &TensorRef<T>, precision: Precision, (dq, dk, dv): (&mut [O], &mut [O], &mut [O]), conv: impl Fn(f64) -> O + Sync) {
+    let ptrs = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    match precision {
+        Precision::F64 => backward_in::<T, f64, O>(plan, q, k, v, dout, DType::F32, false, ptrs, &conv),
+        Precision::Native => backward_in::<T, f32, O>(plan, q, k, v, dout, T::DTYPE, true, ptrs, &conv),
+    }
+}
+
+/// Bytes of score matrices the f64 reference holds per worker (one per head at a time; two with softcap).
+pub fn scratch_bytes(seqlen_q: usize, seqlen_k: usize, softcap: bool) -> usize {
+    seqlen_q * seqlen_k * 8 * if softcap { 2 } else { 1 }
 }
 
 /// One head's rows, gathered in the working precision: `rows x head_dim`.
@@ -195,8 +223,13 @@ fn rounder<R: Real>(dtype: DType, active: bool) -> impl Fn(R) -> R {
 }
 
 /// A raw pointer shared by workers that write disjoint elements.
-#[derive(Clone, Copy)]
 pub(crate) struct SharedMut<T>(pub *mut T);
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 impl<T> SharedMut<T> {
@@ -208,11 +241,20 @@ impl<T> SharedMut<T> {
     }
 }
 
-fn forward_in<T: Element, R: Real>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, dtype: DType, round: bool) -> RefForward {
+#[allow(clippy::too_many_arguments)]
+fn forward_in<T: Element, R: Real, O, L>(
+    plan: &Plan,
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    dtype: DType,
+    round: bool,
+    po: SharedMut<O>,
+    pl: SharedMut<L>,
+    conv_o: &(impl Fn(f64) -> O + Sync),
+    conv_lse: &(impl Fn(f64) -> L + Sync),
+) {
     let d = plan.head_dim;
-    let mut out = vec![0.0f64; plan.q_numel()];
-    let mut lse = vec![0.0f64; plan.lse_len()];
-    let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
     let rnd = rounder::<R>(dtype, round);
     (0..plan.batch * plan.heads_q).into_par_iter().for_each(|task| {
         let (seq, h) = (task / plan.heads_q, task % plan.heads_q);
@@ -233,21 +275,27 @@ fn forward_in<T: Element, R: Real>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<
             // SAFETY: task (seq, h) alone writes row i of head h of sequence seq.
             unsafe {
                 for (c, &x) in o.iter().enumerate() {
-                    po.write(base + c, rnd(x).f64());
+                    po.write(base + c, conv_o(rnd(x).f64()));
                 }
-                pl.write(plan.lse.index(seq, i, h), row_lse[i].f64());
+                pl.write(plan.lse.index(seq, i, h), conv_lse(row_lse[i].f64()));
             }
         }
     });
-    RefForward { out, lse }
 }
 
-fn backward_in<T: Element, R: Real>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, dout: &TensorRef<T>, dtype: DType, round: bool) -> RefGradients {
+#[allow(clippy::too_many_arguments)]
+fn backward_in<T: Element, R: Real, O>(
+    plan: &Plan,
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    dout: &TensorRef<T>,
+    dtype: DType,
+    round: bool,
+    (pq, pk, pv): (SharedMut<O>, SharedMut<O>, SharedMut<O>),
+    conv: &(impl Fn(f64) -> O + Sync),
+) {
     let d = plan.head_dim;
-    let mut dq = vec![0.0f64; plan.q_numel()];
-    let mut dk = vec![0.0f64; plan.kv_numel()];
-    let mut dv = vec![0.0f64; plan.kv_numel()];
-    let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
     let rnd = rounder::<R>(dtype, round);
     let dout_acc = plan.access_like_q(dout);
     let scale = R::of(plan.mask.scale as f64);
@@ -291,7 +339,7 @@ fn backward_in<T: Element, R: Real>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef
                 // SAFETY: dq rows of head h belong to this task's group alone.
                 unsafe {
                     for c in 0..d {
-                        pq.write(base + c, rnd(dqh[i * d + c]).f64());
+                        pq.write(base + c, conv(rnd(dqh[i * d + c]).f64()));
                     }
                 }
             }
@@ -301,11 +349,10 @@ fn backward_in<T: Element, R: Real>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef
             // SAFETY: dk and dv rows of head hk belong to this task alone.
             unsafe {
                 for c in 0..d {
-                    pk.write(base + c, rnd(dkh[j * d + c]).f64());
-                    pv.write(base + c, rnd(dvh[j * d + c]).f64());
+                    pk.write(base + c, conv(rnd(dkh[j * d + c]).f64()));
+                    pv.write(base + c, conv(rnd(dvh[j * d + c]).f64()));
                 }
             }
         }
     });
-    RefGradients { dq, dk, dv }
 }

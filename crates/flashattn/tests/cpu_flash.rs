@@ -32,3 +32,17 @@ fn a_plain_case_matches_on_every_isa() {
         check_case(&case, Backend::Cpu(isa), true).unwrap();
     }
 }
+
+/// The backward splits a head's keys across tasks (f32 dq slabs summed afterwards) when there are few heads, and
+/// gives each task a whole head (dq accumulated in place) when there are many: both paths, long sequences.
+#[test]
+fn backward_with_few_and_many_heads() {
+    for (batch, heads) in [(1, 1), (4, 8)] {
+        let mut case = Case::dense(batch, 300, 700, heads, heads, 40);
+        case.causal = true;
+        case.dtype = DType::BF16;
+        for isa in Isa::supported() {
+            check_case(&case, Backend::Cpu(isa), true).unwrap();
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! Flash backward on the CPU, by recomputation from the saved log-sum-exp.
 //!
 //! A task owns a chunk of keys of one key/value head: it accumulates dK and dV of those keys over every query
-//! head of the group and every query block that sees them, and adds its share of dQ to a per-chunk f32 slab.
+//! head of the group and every query block that sees them. When a task holds all keys of its head it also
+//! owns dQ of the group's heads and accumulates it in its own scratch; otherwise it adds its share of dQ to a
+//! per-chunk f32 slab that is summed afterwards.
 //! Per (key block, query block): S = QK^T, P = exp(S - lse), dV += P^T dO, dP = dO V^T,
 //! dS = P (dP - D) scale, dQ += dS K, dK += dS^T Q, with D = rowsum(dO o O).
 
@@ -31,6 +33,15 @@ pub(crate) struct Scratch {
     p: Vec<f32>,
     ds: Vec<f32>,
     dcap: Vec<f32>,
+    dq: Vec<f32>,
+}
+
+/// Where dQ accumulates.
+pub(crate) enum DqTarget<T> {
+    /// Each task holds every key of its head: it accumulates a head's dQ in scratch and writes it out.
+    Direct(SharedMut<T>),
+    /// Tasks split the keys: f32 partials, one slab per key chunk, laid out (chunk, token, head_q, ld).
+    Slabs { ptr: SharedMut<f32>, len: usize, ld: usize },
 }
 
 /// The inputs and outputs of a backward pass, shared by all tasks.
@@ -45,11 +56,7 @@ pub(crate) struct BwdArgs<'a, T> {
     /// Where o and dout live (their strides may differ from q's).
     pub o_acc: Access,
     pub dout_acc: Access,
-    /// f32 dQ partials, one slab per key chunk: (chunk, token, head_q, ld).
-    pub dq_slabs: SharedMut<f32>,
-    pub slab_len: usize,
-    /// Row length of a slab, at least the task's padded head dimension.
-    pub slab_ld: usize,
+    pub dq: DqTarget<T>,
     pub dk: SharedMut<T>,
     pub dv: SharedMut<T>,
 }
@@ -79,10 +86,10 @@ fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
     lo
 }
 
-/// Runs one task: keys `task.keys` of key/value head `task.head_kv`, dQ into slab `task.chunk`.
+/// Runs one task: keys `task.rows` of key/value head `task.head_kv`; dQ to its target (slab `task.chunk`).
 ///
 /// # Safety
-/// The CPU supports `S`; no other task writes these keys of dk and dv or this slab's rows of the group's heads.
+/// The CPU supports `S`; no other task writes these keys of dk and dv, or the group's heads of dq (of this slab).
 #[inline(always)]
 pub(crate) unsafe fn task<S: Simd, T: Element>(args: &BwdArgs<T>, task: &Task, sc: &mut Scratch) {
     let plan = args.plan;
@@ -95,61 +102,28 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &BwdArgs<T>, task: &Task, s
     pack::rows(args.k.data, &plan.k, seq, hk, keys.clone(), d, ld, 1.0, &mut sc.k);
     zeroed(&mut sc.dk, nk * ld);
     zeroed(&mut sc.dv, nk * ld);
-    let scale = plan.mask.scale;
-    let bm = block_m::<S>();
-    let token_stride = plan.heads_q * args.slab_ld;
-    let slab = args.dq_slabs.0.add(task.chunk * args.slab_len);
+    let len_q = plan.len_q[seq];
     for h in hk * plan.group()..(hk + 1) * plan.group() {
         let map = ScoreMap::new(plan, seq, h);
-        let rows = rows_seeing(&map, plan.len_q[seq], keys.clone());
-        if rows.is_empty() {
-            continue;
-        }
-        pack::rows(args.q.data, &plan.q, seq, h, rows.clone(), d, ld, 1.0, &mut sc.q);
-        pack::rows(args.dout.data, &args.dout_acc, seq, h, rows.clone(), d, ld, 1.0, &mut sc.dout);
-        sc.lse.clear();
-        sc.delta.clear();
-        for i in rows.clone() {
-            sc.lse.push(args.lse[plan.lse.index(seq, i, h)]);
-            let (ob, db) = (args.o_acc.index(seq, i, h), args.dout_acc.index(seq, i, h));
-            let dot = (0..d).map(|c| args.o.data[ob + c].to_f32() * args.dout.data[db + c].to_f32()).sum::<f32>();
-            sc.delta.push(dot);
-        }
-        let mut j0 = keys.start;
-        while j0 < keys.end {
-            let j1 = (j0 + BLOCK_N).min(keys.end);
-            let (nc, ncp, first) = (j1 - j0, round_up(j1 - j0, nr), j0 - keys.start);
-            let block_rows = rows_seeing(&map, plan.len_q[seq], j0..j1);
-            let block_rows = block_rows.start.max(rows.start)..block_rows.end.min(rows.end);
-            for i0 in block_rows.clone().step_by(bm) {
-                let i1 = (i0 + bm).min(block_rows.end);
-                let (m, qi) = (i1 - i0, i0 - rows.start);
-                let p = zeroed(&mut sc.p, m * BLOCK_N);
-                let ds = zeroed(&mut sc.ds, m * BLOCK_N);
-                let dcap = zeroed(&mut sc.dcap, m * BLOCK_N);
-                let qa = MatA { ptr: sc.q.as_ptr().add(qi * ld), rs: ld, cs: 1 };
-                let da = MatA { ptr: sc.dout.as_ptr().add(qi * ld), rs: ld, cs: 1 };
-                gemm::<S>(m, ncp, d, qa, MatB { ptr: sc.kt.as_ptr().add(first * d), rs: nr, ps: d * nr }, MatC { ptr: p.as_mut_ptr(), rs: BLOCK_N }, Update::Set);
-                gemm::<S>(m, ncp, d, da, MatB { ptr: sc.vt.as_ptr().add(first * d), rs: nr, ps: d * nr }, MatC { ptr: ds.as_mut_ptr(), rs: BLOCK_N }, Update::Set);
-                let full = map.mask.block_is_full(i0..i1, j0..j1);
-                let softcap = plan.mask.softcap.is_some();
-                for r in 0..m {
-                    let span = r * BLOCK_N..r * BLOCK_N + ncp;
-                    let dcap_row = if softcap { Some(&mut dcap[span.clone()]) } else { None };
-                    map.row::<S>(&mut p[span.clone()], i0 + r, j0, nc, full, dcap_row);
-                    grad_row::<S>(&mut p[span.clone()], &mut ds[span.clone()], softcap.then(|| &dcap[span]), sc.lse[qi + r], sc.delta[qi + r], scale);
-                }
-                let (pt, dst) = (MatA { ptr: p.as_ptr(), rs: 1, cs: BLOCK_N }, MatA { ptr: ds.as_ptr(), rs: 1, cs: BLOCK_N });
-                let dout_b = MatB { ptr: sc.dout.as_ptr().add(qi * ld), rs: ld, ps: nr };
-                let q_b = MatB { ptr: sc.q.as_ptr().add(qi * ld), rs: ld, ps: nr };
-                gemm::<S>(nc, ld, m, pt, dout_b, MatC { ptr: sc.dv.as_mut_ptr().add(first * ld), rs: ld }, Update::Add);
-                gemm::<S>(nc, ld, m, dst, q_b, MatC { ptr: sc.dk.as_mut_ptr().add(first * ld), rs: ld }, Update::Add);
-                let token = plan.o.index(seq, i0, 0) / (plan.heads_q * d);
-                let dq = MatC { ptr: slab.add(token * token_stride + h * args.slab_ld), rs: token_stride };
-                let k_b = MatB { ptr: sc.k.as_ptr().add(first * ld), rs: ld, ps: nr };
-                gemm::<S>(m, ld, nc, MatA { ptr: ds.as_ptr(), rs: BLOCK_N, cs: 1 }, k_b, dq, Update::Add);
+        let rows = rows_seeing(&map, len_q, keys.clone());
+        // dQ row i of this head: (pointer, row stride).
+        let (dq_rows, dq_rs) = match &args.dq {
+            DqTarget::Direct(_) => (zeroed(&mut sc.dq, len_q * ld).as_mut_ptr(), ld),
+            DqTarget::Slabs { ptr, len, ld: slab_ld } => {
+                let first = plan.o.index(seq, 0, 0) / (plan.heads_q * d);
+                (ptr.0.add(task.chunk * len + first * plan.heads_q * slab_ld + h * slab_ld), plan.heads_q * slab_ld)
             }
-            j0 = j1;
+        };
+        if !rows.is_empty() {
+            head::<S, T>(args, sc, &map, (seq, h), keys.clone(), rows, (dq_rows, dq_rs));
+        }
+        if let DqTarget::Direct(out) = &args.dq {
+            for i in 0..len_q {
+                let base = plan.o.index(seq, i, h);
+                for c in 0..d {
+                    out.write(base + c, T::from_f32(*dq_rows.add(i * ld + c)));
+                }
+            }
         }
     }
     for (r, j) in keys.enumerate() {
@@ -158,6 +132,60 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &BwdArgs<T>, task: &Task, s
             args.dk.write(base + c, T::from_f32(sc.dk[r * ld + c]));
             args.dv.write(base + c, T::from_f32(sc.dv[r * ld + c]));
         }
+    }
+}
+
+/// One query head's share of a task: query rows `rows` of head `h` against `keys`, into the task's dK and dV
+/// and into dQ, whose row i starts at `dq.0 + i * dq.1`.
+#[inline(always)]
+unsafe fn head<S: Simd, T: Element>(args: &BwdArgs<T>, sc: &mut Scratch, map: &ScoreMap, (seq, h): (usize, usize), keys: Range<usize>, rows: Range<usize>, dq: (*mut f32, usize)) {
+    let plan = args.plan;
+    let (d, nr) = (plan.head_dim, 2 * S::W);
+    let ld = round_up(d, nr);
+    let (scale, softcap) = (plan.mask.scale, plan.mask.softcap.is_some());
+    let bm = block_m::<S>();
+    pack::rows(args.q.data, &plan.q, seq, h, rows.clone(), d, ld, 1.0, &mut sc.q);
+    pack::rows(args.dout.data, &args.dout_acc, seq, h, rows.clone(), d, ld, 1.0, &mut sc.dout);
+    sc.lse.clear();
+    sc.delta.clear();
+    for i in rows.clone() {
+        sc.lse.push(args.lse[plan.lse.index(seq, i, h)]);
+        let (ob, db) = (args.o_acc.index(seq, i, h), args.dout_acc.index(seq, i, h));
+        sc.delta.push((0..d).map(|c| args.o.data[ob + c].to_f32() * args.dout.data[db + c].to_f32()).sum::<f32>());
+    }
+    let mut j0 = keys.start;
+    while j0 < keys.end {
+        let j1 = (j0 + BLOCK_N).min(keys.end);
+        let (nc, ncp, first) = (j1 - j0, round_up(j1 - j0, nr), j0 - keys.start);
+        let block_rows = rows_seeing(map, plan.len_q[seq], j0..j1);
+        for i0 in (block_rows.start.max(rows.start)..block_rows.end.min(rows.end)).step_by(bm) {
+            let i1 = (i0 + bm).min(block_rows.end.min(rows.end));
+            let (m, qi) = (i1 - i0, i0 - rows.start);
+            let p = zeroed(&mut sc.p, m * BLOCK_N);
+            let ds = zeroed(&mut sc.ds, m * BLOCK_N);
+            let dcap = zeroed(&mut sc.dcap, m * BLOCK_N);
+            // S = Q K^T and dP = dO V^T.
+            let qa = MatA { ptr: sc.q.as_ptr().add(qi * ld), rs: ld, cs: 1 };
+            let da = MatA { ptr: sc.dout.as_ptr().add(qi * ld), rs: ld, cs: 1 };
+            gemm::<S>(m, ncp, d, qa, MatB { ptr: sc.kt.as_ptr().add(first * d), rs: nr, ps: d * nr }, MatC { ptr: p.as_mut_ptr(), rs: BLOCK_N }, Update::Set);
+            gemm::<S>(m, ncp, d, da, MatB { ptr: sc.vt.as_ptr().add(first * d), rs: nr, ps: d * nr }, MatC { ptr: ds.as_mut_ptr(), rs: BLOCK_N }, Update::Set);
+            let full = map.mask.block_is_full(i0..i1, j0..j1);
+            for r in 0..m {
+                let span = r * BLOCK_N..r * BLOCK_N + ncp;
+                map.row::<S>(&mut p[span.clone()], i0 + r, j0, nc, full, softcap.then(|| &mut dcap[span.clone()]));
+                grad_row::<S>(&mut p[span.clone()], &mut ds[span.clone()], softcap.then(|| &dcap[span]), sc.lse[qi + r], sc.delta[qi + r], scale);
+            }
+            // dV += P^T dO, dK += dS^T Q, dQ += dS K.
+            let (pt, dst) = (MatA { ptr: p.as_ptr(), rs: 1, cs: BLOCK_N }, MatA { ptr: ds.as_ptr(), rs: 1, cs: BLOCK_N });
+            let dout_b = MatB { ptr: sc.dout.as_ptr().add(qi * ld), rs: ld, ps: nr };
+            let q_b = MatB { ptr: sc.q.as_ptr().add(qi * ld), rs: ld, ps: nr };
+            gemm::<S>(nc, ld, m, pt, dout_b, MatC { ptr: sc.dv.as_mut_ptr().add(first * ld), rs: ld }, Update::Add);
+            gemm::<S>(nc, ld, m, dst, q_b, MatC { ptr: sc.dk.as_mut_ptr().add(first * ld), rs: ld }, Update::Add);
+            let k_b = MatB { ptr: sc.k.as_ptr().add(first * ld), rs: ld, ps: nr };
+            let dq_c = MatC { ptr: dq.0.add(i0 * dq.1), rs: dq.1 };
+            gemm::<S>(m, ld, nc, MatA { ptr: ds.as_ptr(), rs: BLOCK_N, cs: 1 }, k_b, dq_c, Update::Add);
+        }
+        j0 = j1;
     }
 }
 

@@ -130,7 +130,8 @@ fn tasks(plan: &Plan, lens: &[usize], other: &[usize], block: usize) -> (Vec<Tas
     for seq in 0..plan.batch {
         let step = lens[seq].div_ceil(chunks).div_ceil(block).max(1) * block;
         for head_kv in 0..plan.heads_kv {
-            for (chunk, start) in (0..lens[seq]).step_by(step).enumerate() {
+            // An empty sequence still gets a task: the other side's rows must be written (o = 0, dq = 0).
+            for (chunk, start) in (0..lens[seq].max(1)).step_by(step).enumerate() {
                 out.push(Task { seq, head_kv, rows: start..(start + step).min(lens[seq]), chunk });
             }
         }
@@ -218,13 +219,13 @@ pub(crate) fn backward<T: Element>(
     plan.check_output("dq", dq.len(), plan.q_numel())?;
     plan.check_output("dk", dk.len(), plan.kv_numel())?;
     plan.check_output("dv", dv.len(), plan.kv_numel())?;
-    let (d, heads_q) = (plan.head_dim, plan.heads_q);
+    let d = plan.head_dim;
+    let (tasks, chunks) = tasks(plan, &plan.len_k, &plan.len_q, forward::BLOCK_N);
     // Row length of the dq slabs: the head dimension padded for the widest micro-kernel tile.
     let ld = pack::round_up(d, 32);
-    let tokens = plan.q_numel() / (heads_q * d).max(1);
-    let (tasks, chunks) = tasks(plan, &plan.len_k, &plan.len_q, forward::BLOCK_N);
-    let slab_len = tokens * heads_q * ld;
-    let mut slabs = try_zeroed(chunks * slab_len, "the dq accumulator")?;
+    let slab_len = plan.q_numel() / d.max(1) * ld;
+    let mut slabs = if chunks > 1 { try_zeroed(chunks * slab_len, "the dq accumulator")? } else { Vec::new() };
+    let dq_target = if chunks > 1 { backward::DqTarget::Slabs { ptr: SharedMut(slabs.as_mut_ptr()), len: slab_len, ld } } else { backward::DqTarget::Direct(SharedMut(dq.as_mut_ptr())) };
     let args = backward::BwdArgs {
         plan,
         q,
@@ -235,9 +236,7 @@ pub(crate) fn backward<T: Element>(
         lse,
         o_acc: plan.access_like_q(o),
         dout_acc: plan.access_like_q(dout),
-        dq_slabs: SharedMut(slabs.as_mut_ptr()),
-        slab_len,
-        slab_ld: ld,
+        dq: dq_target,
         dk: SharedMut(dk.as_mut_ptr()),
         dv: SharedMut(dv.as_mut_ptr()),
     };
@@ -255,15 +254,15 @@ pub(crate) fn backward<T: Element>(
             }
         }
     });
-    let slabs = &slabs;
-    dq.par_chunks_mut(d).enumerate().for_each(|(row, out)| {
-        let (token, head) = (row / heads_q, row % heads_q);
-        let at = token * heads_q * ld + head * ld;
-        for (c, o) in out.iter_mut().enumerate() {
-            let sum: f32 = (0..chunks).map(|s| slabs[s * slab_len + at + c]).sum();
-            *o = T::from_f32(sum);
-        }
-    });
+    if chunks > 1 {
+        let slabs = &slabs;
+        dq.par_chunks_mut(d).enumerate().for_each(|(row, out)| {
+            let at = row * ld;
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = T::from_f32((0..chunks).map(|s| slabs[s * slab_len + at + c]).sum());
+            }
+        });
+    }
     Ok(())
 }
 

@@ -1,0 +1,147 @@
+//! What a benchmark times: one implementation on one problem, with its inputs and outputs allocated up front so
+//! that a timed call allocates only its own working memory.
+
+use crate::random::fill_normal;
+use flashattn::{AttnOptions, Backend, DType, Element, Result, TensorRef};
+use half::{bf16, f16};
+
+/// The shape of a benchmark problem (dense batch, Sq = Sk).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub batch: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub seqlen: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+impl Shape {
+    /// FLOPs of one forward pass in the FlashAttention convention: 4 B H Sq Sk d, half of it when causal.
+    pub fn forward_flops(&self) -> f64 {
+        let full = 4.0 * (self.batch * self.heads_q) as f64 * (self.seqlen as f64).powi(2) * self.head_dim as f64;
+        if self.causal {
+            full / 2.0
+        } else {
+            full
+        }
+    }
+
+    pub fn q_shape(&self) -> [usize; 4] {
+        [self.batch, self.seqlen, self.heads_q, self.head_dim]
+    }
+
+    pub fn kv_shape(&self) -> [usize; 4] {
+        [self.batch, self.seqlen, self.heads_kv, self.head_dim]
+    }
+
+    pub fn options(&self) -> AttnOptions {
+        AttnOptions::new().causal(self.causal)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    Backward,
+}
+
+impl Pass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "fwd",
+            Pass::Backward => "bwd",
+        }
+    }
+    /// FLOPs relative to the forward pass (backward = 2.5x: five matrix products instead of two).
+    pub fn flop_factor(self) -> f64 {
+        match self {
+            Pass::Forward => 1.0,
+            Pass::Backward => 2.5,
+        }
+    }
+}
+
+/// One implementation on one problem, ready to run either pass repeatedly.
+pub trait Subject {
+    fn run(&mut self, pass: Pass) -> Result<()>;
+}
+
+/// A CPU backend (flash or reference) with host buffers.
+struct Host<T> {
+    backend: Backend,
+    shape: Shape,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    dout: Vec<T>,
+    out: Vec<T>,
+    lse: Vec<f32>,
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+}
+
+impl<T: Element> Host<T> {
+    fn new(backend: Backend, shape: Shape, seed: u64) -> Self {
+        let (nq, nkv) = (shape.q_shape().iter().product(), shape.kv_shape().iter().product());
+        let tensor = |n: usize, s: u64| {
+            let mut v = vec![T::default(); n];
+            fill_normal(&mut v, s);
+            v
+        };
+        Host {
+            backend,
+            shape,
+            q: tensor(nq, seed),
+            k: tensor(nkv, seed + 1),
+            v: tensor(nkv, seed + 2),
+            dout: tensor(nq, seed + 3),
+            out: vec![T::default(); nq],
+            lse: vec![0.0; shape.batch * shape.heads_q * shape.seqlen],
+            dq: vec![T::default(); nq],
+            dk: vec![T::default(); nkv],
+            dv: vec![T::default(); nkv],
+        }
+    }
+
+    fn forward(&mut self) -> Result<()> {
+        let (qs, kvs) = (self.shape.q_shape(), self.shape.kv_shape());
+        let (q, k, v) = (TensorRef::new(&self.q, &qs), TensorRef::new(&self.k, &kvs), TensorRef::new(&self.v, &kvs));
+        flashattn::forward_into(&q, &k, &v, &self.shape.options(), self.backend, &mut self.out, &mut self.lse)
+    }
+}
+
+impl<T: Element> Subject for Host<T> {
+    fn run(&mut self, pass: Pass) -> Result<()> {
+        match pass {
+            Pass::Forward => self.forward(),
+            Pass::Backward => {
+                let (qs, kvs) = (self.shape.q_shape(), self.shape.kv_shape());
+                let (q, k, v) = (TensorRef::new(&self.q, &qs), TensorRef::new(&self.k, &kvs), TensorRef::new(&self.v, &kvs));
+                let (o, dout) = (TensorRef::new(&self.out, &qs), TensorRef::new(&self.dout, &qs));
+                let grads = (&mut self.dq[..], &mut self.dk[..], &mut self.dv[..]);
+                flashattn::backward_into(&q, &k, &v, &o, &self.lse, &dout, &self.shape.options(), self.backend, grads)
+            }
+        }
+    }
+}
+
+/// A CPU subject for `backend`; the backward pass gets a real forward output and log-sum-exp first.
+pub fn host(backend: Backend, dtype: DType, shape: Shape, needs_forward_output: bool) -> Result<Box<dyn Subject>> {
+    fn make<T: Element>(backend: Backend, shape: Shape, prime: bool) -> Result<Box<dyn Subject>> {
+        let mut h = Host::<T>::new(backend, shape, 7);
+        if prime {
+            // The backward consumes o and lse; any backend's forward gives the same values.
+            let mut flash = Host::<T> { backend: Backend::cpu()?, ..h };
+            flash.forward()?;
+            h = Host { backend, ..flash };
+        }
+        Ok(Box::new(h))
+    }
+    match dtype {
+        DType::F32 => make::<f32>(backend, shape, needs_forward_output),
+        DType::F16 => make::<f16>(backend, shape, needs_forward_output),
+        DType::BF16 => make::<bf16>(backend, shape, needs_forward_output),
+    }
+}
