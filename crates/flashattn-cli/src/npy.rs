@@ -15,7 +15,8 @@ pub struct Array {
 
 fn open(path: &Path) -> Result<npyz::NpyFile<std::io::BufReader<File>>, String> {
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let npy = npyz::NpyFile::new(std::io::BufReader::new(file)).map_err(|e| format!("{}: not a readable .npy file: {e}", path.display()))?;
+    let npy = npyz::NpyFile::new(std::io::BufReader::new(file))
+        .map_err(|e| format!("{}: not a readable .npy file: {e}", path.display()))?;
     if npy.order() != npyz::Order::C {
         return Err(format!("{}: Fortran-ordered arrays are not supported; save a C-contiguous array", path.display()));
     }
@@ -36,9 +37,19 @@ pub fn read_floats(path: &Path) -> Result<Array, String> {
     let bad = |e: std::io::Error| format!("{}: {e}", path.display());
     let (data, stored_as) = match type_of(&npy) {
         Some((TypeChar::Float, 4)) => (npy.into_vec::<f32>().map_err(bad)?, "f32"),
-        Some((TypeChar::Float, 2)) => (npy.into_vec::<f16>().map_err(bad)?.into_iter().map(f16::to_f32).collect(), "f16"),
-        Some((TypeChar::Float, 8)) => (npy.into_vec::<f64>().map_err(bad)?.into_iter().map(|x| x as f32).collect(), "f64"),
-        _ => return Err(format!("{}: expected a float32, float16 or float64 array, got dtype {}", path.display(), npy.dtype().descr())),
+        Some((TypeChar::Float, 2)) => {
+            (npy.into_vec::<f16>().map_err(bad)?.into_iter().map(f16::to_f32).collect(), "f16")
+        }
+        Some((TypeChar::Float, 8)) => {
+            (npy.into_vec::<f64>().map_err(bad)?.into_iter().map(|x| x as f32).collect(), "f64")
+        }
+        _ => {
+            return Err(format!(
+                "{}: expected a float32, float16 or float64 array, got dtype {}",
+                path.display(),
+                npy.dtype().descr()
+            ))
+        }
     };
     Ok(Array { data, shape, stored_as })
 }
@@ -67,7 +78,8 @@ pub fn write_f32(path: &Path, data: &[f32], shape: &[usize]) -> Result<(), Strin
     let err = |e: std::io::Error| format!("{}: {e}", path.display());
     let file = File::create(path).map_err(err)?;
     let shape: Vec<u64> = shape.iter().map(|&n| n as u64).collect();
-    let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(BufWriter::new(file)).begin_nd().map_err(err)?;
+    let mut w =
+        npyz::WriteOptions::new().default_dtype().shape(&shape).writer(BufWriter::new(file)).begin_nd().map_err(err)?;
     w.extend(data.iter().copied()).map_err(err)?;
     w.finish().map_err(err)
 }

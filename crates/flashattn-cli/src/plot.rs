@@ -28,7 +28,9 @@ fn register_font() -> Result<(), String> {
                 }
             }
         }
-        Err(format!("no TrueType font found for the chart's text (looked in {FONT_PATHS:?}); set FLASHATTN_FONT to a .ttf file"))
+        Err(format!(
+            "no TrueType font found for the chart's text (looked in {FONT_PATHS:?}); set FLASHATTN_FONT to a .ttf file"
+        ))
     })
     .clone()
 }
@@ -46,15 +48,24 @@ pub fn panels(path: &Path, title: &str, x_label: &str, panels: &[(&str, &str, Ve
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     match ext.as_deref() {
-        Some("png") => draw(BitMapBackend::new(path, size).into_drawing_area(), title, x_label, panels).map_err(|e| err(&e)),
-        Some("svg") => draw(SVGBackend::new(path, size).into_drawing_area(), title, x_label, panels).map_err(|e| err(&e)),
+        Some("png") => {
+            draw(BitMapBackend::new(path, size).into_drawing_area(), title, x_label, panels).map_err(|e| err(&e))
+        }
+        Some("svg") => {
+            draw(SVGBackend::new(path, size).into_drawing_area(), title, x_label, panels).map_err(|e| err(&e))
+        }
         _ => Err(format!("--plot {}: expected a .png or .svg file name", path.display())),
     }
 }
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, title: &str, x_label: &str, panels: &[(&str, &str, Vec<Series>)]) -> DrawResult
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    panels: &[(&str, &str, Vec<Series>)],
+) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
@@ -67,7 +78,13 @@ where
     Ok(())
 }
 
-fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, name: &str, x_label: &str, y_label: &str, series: &[Series]) -> DrawResult
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    name: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
@@ -85,27 +102,40 @@ where
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d((x0 / 1.3..x1 * 1.3).log_scale(), (y0 / 2.0..y1 * 2.0).log_scale())?;
-    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw()?;
+    chart.configure_mesh().x_desc(x_label).y_desc(y_label).x_label_formatter(&|x| format!("{x:.0}")).draw()?;
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| *x > 0.0 && *y > 0.0).collect();
-        chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?.label(s.label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(s.label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperLeft).draw()?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
     Ok(())
 }
 
 /// The bench chart: time per sequence and peak extra memory against N.
 pub fn scaling(path: &Path, rows: &[Measurement], title: &str) -> Result<(), String> {
-    let mut keys: Vec<(String, String, usize, bool)> = rows.iter().map(|m| (m.implementation.clone(), m.pass.clone(), m.head_dim, m.causal)).collect();
+    let mut keys: Vec<(String, String, usize, bool)> =
+        rows.iter().map(|m| (m.implementation.clone(), m.pass.clone(), m.head_dim, m.causal)).collect();
     keys.sort();
     keys.dedup();
     let series = |y: &dyn Fn(&Measurement) -> Option<f64>| -> Vec<Series> {
         keys.iter()
             .map(|(imp, pass, d, causal)| Series {
                 label: format!("{imp} {pass} d={d}{}", if *causal { " causal" } else { "" }),
-                points: rows.iter().filter(|m| &m.implementation == imp && &m.pass == pass && m.head_dim == *d && m.causal == *causal).filter_map(|m| Some((m.seqlen_q as f64, y(m)?))).collect(),
+                points: rows
+                    .iter()
+                    .filter(|m| &m.implementation == imp && &m.pass == pass && m.head_dim == *d && m.causal == *causal)
+                    .filter_map(|m| Some((m.seqlen_q as f64, y(m)?)))
+                    .collect(),
             })
             .filter(|s| !s.points.is_empty())
             .collect()

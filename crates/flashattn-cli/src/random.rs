@@ -7,7 +7,8 @@ use rayon::prelude::*;
 /// reproducibly for a given seed.
 pub fn fill_normal<T: Element>(out: &mut [T], seed: u64) {
     out.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, xs)| {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+        let mut state =
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
         for x in xs {
             let mut sum = 0.0f32;
             for _ in 0..4 {

@@ -47,10 +47,10 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_window, allow_hyphen_values = true)]
     pub window: Option<(Option<usize>, Option<usize>)>,
     /// Soft cap of the scores: cap * tanh(score / cap).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub softcap: Option<f32>,
     /// Softmax scale [default: 1/sqrt(head_dim)].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub scale: Option<f32>,
     /// ALiBi slopes (.npy, heads_q or batch x heads_q values).
     #[arg(long)]
@@ -93,7 +93,9 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     }
     let wants_grads = args.dq.is_some() || args.dk.is_some() || args.dv.is_some();
     match (&args.dout, wants_grads) {
-        (Some(_), false) => return Err("--dout runs the backward pass: name at least one of --dq, --dk, --dv to write".into()),
+        (Some(_), false) => {
+            return Err("--dout runs the backward pass: name at least one of --dq, --dk, --dv to write".into())
+        }
         (None, true) => return Err("--dq/--dk/--dv need --dout, the gradient of the output".into()),
         _ => {}
     }
@@ -146,7 +148,8 @@ fn write<T: Element>(path: &Path, data: &[T], shape: &[usize]) -> Result<(), Str
 
 fn compute<T: Element>(args: &RunArgs, inp: &Inputs, opts: &AttnOptions, backend: Backend) -> Result<(), String> {
     let (qd, kd, vd) = (convert::<T>(&inp.q), convert::<T>(&inp.k), convert::<T>(&inp.v));
-    let (q, k, v) = (TensorRef::new(&qd, &inp.q.shape), TensorRef::new(&kd, &inp.k.shape), TensorRef::new(&vd, &inp.v.shape));
+    let (q, k, v) =
+        (TensorRef::new(&qd, &inp.q.shape), TensorRef::new(&kd, &inp.k.shape), TensorRef::new(&vd, &inp.v.shape));
     let fwd = flashattn::forward(&q, &k, &v, opts, backend).map_err(|e| e.to_string())?;
     write(&args.out, &fwd.out, &fwd.out_shape)?;
     if let Some(path) = &args.lse {
@@ -155,8 +158,11 @@ fn compute<T: Element>(args: &RunArgs, inp: &Inputs, opts: &AttnOptions, backend
     if let Some(dout) = &inp.dout {
         let dd = convert::<T>(dout);
         let dout = TensorRef::new(&dd, &dout.shape);
-        let g = flashattn::backward(&q, &k, &v, &fwd.out_ref(), &fwd.lse, &dout, opts, backend).map_err(|e| e.to_string())?;
-        for (path, data, shape) in [(&args.dq, &g.dq, &g.dq_shape), (&args.dk, &g.dk, &g.dkv_shape), (&args.dv, &g.dv, &g.dkv_shape)] {
+        let g = flashattn::backward(&q, &k, &v, &fwd.out_ref(), &fwd.lse, &dout, opts, backend)
+            .map_err(|e| e.to_string())?;
+        for (path, data, shape) in
+            [(&args.dq, &g.dq, &g.dq_shape), (&args.dk, &g.dk, &g.dkv_shape), (&args.dv, &g.dv, &g.dkv_shape)]
+        {
             if let Some(path) = path {
                 write(path, data, shape)?;
             }

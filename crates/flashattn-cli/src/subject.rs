@@ -118,7 +118,8 @@ impl<T: Element> Subject for Host<T> {
             Pass::Forward => self.forward(),
             Pass::Backward => {
                 let (qs, kvs) = (self.shape.q_shape(), self.shape.kv_shape());
-                let (q, k, v) = (TensorRef::new(&self.q, &qs), TensorRef::new(&self.k, &kvs), TensorRef::new(&self.v, &kvs));
+                let (q, k, v) =
+                    (TensorRef::new(&self.q, &qs), TensorRef::new(&self.k, &kvs), TensorRef::new(&self.v, &kvs));
                 let (o, dout) = (TensorRef::new(&self.out, &qs), TensorRef::new(&self.dout, &qs));
                 let grads = (&mut self.dq[..], &mut self.dk[..], &mut self.dv[..]);
                 flashattn::backward_into(&q, &k, &v, &o, &self.lse, &dout, &self.shape.options(), self.backend, grads)

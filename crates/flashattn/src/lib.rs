@@ -85,7 +85,13 @@ pub struct Gradients<T> {
 }
 
 /// Attention forward: softmax(scale * q k^T, masked) v for every (sequence, query head).
-pub fn forward<T: Element>(q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, opts: &AttnOptions, backend: Backend) -> Result<Forward<T>> {
+pub fn forward<T: Element>(
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    opts: &AttnOptions,
+    backend: Backend,
+) -> Result<Forward<T>> {
     let plan = Plan::new(q, k, v, opts, T::DTYPE)?;
     let mut out = vec![T::default(); plan.q_numel()];
     let mut lse = vec![0.0; plan.lse_len()];
@@ -95,17 +101,40 @@ pub fn forward<T: Element>(q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>,
 
 /// Attention forward into caller-provided buffers: `out` with q's element count (contiguous, q's shape),
 /// `lse` with the log-sum-exp's.
-pub fn forward_into<T: Element>(q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, opts: &AttnOptions, backend: Backend, out: &mut [T], lse: &mut [f32]) -> Result<()> {
+pub fn forward_into<T: Element>(
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    opts: &AttnOptions,
+    backend: Backend,
+    out: &mut [T],
+    lse: &mut [f32],
+) -> Result<()> {
     let plan = Plan::new(q, k, v, opts, T::DTYPE)?;
     run_forward(&plan, q, k, v, backend, out, lse)
 }
 
-fn run_forward<T: Element>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, backend: Backend, out: &mut [T], lse: &mut [f32]) -> Result<()> {
+fn run_forward<T: Element>(
+    plan: &Plan,
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    backend: Backend,
+    out: &mut [T],
+    lse: &mut [f32],
+) -> Result<()> {
     match backend {
         Backend::Reference => {
             plan.check_output("out", out.len(), plan.q_numel())?;
             plan.check_output("lse", lse.len(), plan.lse_len())?;
-            reference::forward_into(plan, (q, k, v), reference::Precision::F64, (out, lse), |x| T::from_f32(x as f32), |x| x as f32);
+            reference::forward_into(
+                plan,
+                (q, k, v),
+                reference::Precision::F64,
+                (out, lse),
+                |x| T::from_f32(x as f32),
+                |x| x as f32,
+            );
             Ok(())
         }
         Backend::Cpu(isa) => cpu::forward(plan, isa, q, k, v, out, lse),
@@ -153,7 +182,15 @@ pub fn backward_into<T: Element>(
 type Inputs<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
 type GradsMut<'a, T> = (&'a mut [T], &'a mut [T], &'a mut [T]);
 
-fn run_backward<T: Element>(plan: &Plan, qkv: Inputs<T>, o: &TensorRef<T>, lse: &[f32], dout: &TensorRef<T>, backend: Backend, grads: GradsMut<T>) -> Result<()> {
+fn run_backward<T: Element>(
+    plan: &Plan,
+    qkv: Inputs<T>,
+    o: &TensorRef<T>,
+    lse: &[f32],
+    dout: &TensorRef<T>,
+    backend: Backend,
+    grads: GradsMut<T>,
+) -> Result<()> {
     match backend {
         Backend::Reference => {
             plan.check_backward_inputs(o, lse, dout)?;
@@ -161,7 +198,9 @@ fn run_backward<T: Element>(plan: &Plan, qkv: Inputs<T>, o: &TensorRef<T>, lse: 
             plan.check_output("dq", dq.len(), plan.q_numel())?;
             plan.check_output("dk", dk.len(), plan.kv_numel())?;
             plan.check_output("dv", dv.len(), plan.kv_numel())?;
-            reference::backward_into(plan, qkv, dout, reference::Precision::F64, (dq, dk, dv), |x| T::from_f32(x as f32));
+            reference::backward_into(plan, qkv, dout, reference::Precision::F64, (dq, dk, dv), |x| {
+                T::from_f32(x as f32)
+            });
             Ok(())
         }
         Backend::Cpu(isa) => cpu::backward(plan, isa, qkv, o, lse, dout, grads),

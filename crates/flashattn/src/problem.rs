@@ -151,10 +151,20 @@ pub struct Plan {
 
 impl Plan {
     /// Validates q, k and v (and the options) and returns the plan for them.
-    pub fn new<T>(q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, opts: &AttnOptions, dtype: DType) -> Result<Plan> {
+    pub fn new<T>(
+        q: &TensorRef<T>,
+        k: &TensorRef<T>,
+        v: &TensorRef<T>,
+        opts: &AttnOptions,
+        dtype: DType,
+    ) -> Result<Plan> {
         let varlen = opts.varlen.is_some();
         let rank = if varlen { 3 } else { 4 };
-        let layout = if varlen { "(total_tokens, heads, head_dim) for a variable-length batch" } else { "(batch, seqlen, heads, head_dim)" };
+        let layout = if varlen {
+            "(total_tokens, heads, head_dim) for a variable-length batch"
+        } else {
+            "(batch, seqlen, heads, head_dim)"
+        };
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             if t.rank() != rank {
                 return Err(AttnError::shape(name, format!("{rank} dimensions {layout}"), &t.shape));
@@ -185,7 +195,11 @@ impl Plan {
         if let Some(vl) = &opts.varlen {
             let starts_q = cu_seqlens("cu_seqlens_q", &vl.cu_seqlens_q, q.shape[0])?;
             let starts_k = cu_seqlens("cu_seqlens_k", &vl.cu_seqlens_k, k.shape[0])?;
-            same("batch (cu_seqlens length - 1)", ("cu_seqlens_q", starts_q.len() - 1), ("cu_seqlens_k", starts_k.len() - 1))?;
+            same(
+                "batch (cu_seqlens length - 1)",
+                ("cu_seqlens_q", starts_q.len() - 1),
+                ("cu_seqlens_k", starts_k.len() - 1),
+            )?;
             batch = starts_q.len() - 1;
             len_q = starts_q.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>();
             len_k = starts_k.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>();
@@ -302,7 +316,11 @@ impl Plan {
                 return Err(AttnError::shape(name, format!("q's shape {:?}", self.q_shape), &t.shape));
             }
             if t.strides.len() != t.shape.len() {
-                return Err(stride_error(name, t, format!("expected {} strides, got {}", t.shape.len(), t.strides.len())));
+                return Err(stride_error(
+                    name,
+                    t,
+                    format!("expected {} strides, got {}", t.shape.len(), t.strides.len()),
+                ));
             }
             check_strides(name, t)?;
         }
@@ -316,7 +334,11 @@ impl Plan {
 
     pub(crate) fn check_output(&self, name: &'static str, got: usize, expected: usize) -> Result<()> {
         if got != expected {
-            return Err(AttnError::Shape { tensor: name, expected: format!("an output buffer of {expected} elements"), got: vec![got] });
+            return Err(AttnError::Shape {
+                tensor: name,
+                expected: format!("an output buffer of {expected} elements"),
+                got: vec![got],
+            });
         }
         Ok(())
     }
@@ -343,7 +365,10 @@ fn check_strides<T>(name: &'static str, t: &TensorRef<T>) -> Result<()> {
     }
     let mut last = 0usize;
     for (&n, &s) in t.shape.iter().zip(&t.strides) {
-        last = (n - 1).checked_mul(s).and_then(|x| x.checked_add(last)).ok_or_else(|| stride_error(name, t, "offsets overflow".into()))?;
+        last = (n - 1)
+            .checked_mul(s)
+            .and_then(|x| x.checked_add(last))
+            .ok_or_else(|| stride_error(name, t, "offsets overflow".into()))?;
     }
     if last >= t.data.len() {
         return Err(stride_error(name, t, format!("the last element is at offset {last}, past the end of the buffer")));
@@ -359,17 +384,26 @@ fn check_strides<T>(name: &'static str, t: &TensorRef<T>) -> Result<()> {
 /// Validates cumulative offsets and returns them as start positions (length batch + 1).
 fn cu_seqlens(name: &'static str, cu: &[i32], total: usize) -> Result<Vec<usize>> {
     if cu.len() < 2 {
-        return Err(AttnError::CuSeqlens { name, problem: format!("expected batch + 1 >= 2 offsets, got {}", cu.len()) });
+        return Err(AttnError::CuSeqlens {
+            name,
+            problem: format!("expected batch + 1 >= 2 offsets, got {}", cu.len()),
+        });
     }
     if cu[0] != 0 {
         return Err(AttnError::CuSeqlens { name, problem: format!("must start at 0, starts at {}", cu[0]) });
     }
     if let Some(i) = cu.windows(2).position(|w| w[1] < w[0]) {
-        return Err(AttnError::CuSeqlens { name, problem: format!("must not decrease, but entry {} is {} and entry {} is {}", i, cu[i], i + 1, cu[i + 1]) });
+        return Err(AttnError::CuSeqlens {
+            name,
+            problem: format!("must not decrease, but entry {} is {} and entry {} is {}", i, cu[i], i + 1, cu[i + 1]),
+        });
     }
     let last = *cu.last().unwrap() as usize;
     if last != total {
-        return Err(AttnError::CuSeqlens { name, problem: format!("ends at {last} but the tensor holds {total} tokens") });
+        return Err(AttnError::CuSeqlens {
+            name,
+            problem: format!("ends at {last} but the tensor holds {total} tokens"),
+        });
     }
     Ok(cu.iter().map(|&c| c as usize).collect())
 }
@@ -389,7 +423,11 @@ fn mask_spec(opts: &AttnOptions, batch: usize, heads_q: usize, d: usize) -> Resu
         Some(s) if s.len() == heads_q => (0..batch).flat_map(|_| s.iter().copied()).collect(),
         Some(s) if s.len() == batch * heads_q => s.clone(),
         Some(s) => {
-            return Err(AttnError::option("alibi_slopes", format!("heads_q = {heads_q} or batch * heads_q = {} slopes", batch * heads_q), format!("{} slopes", s.len())))
+            return Err(AttnError::option(
+                "alibi_slopes",
+                format!("heads_q = {heads_q} or batch * heads_q = {} slopes", batch * heads_q),
+                format!("{} slopes", s.len()),
+            ))
         }
     };
     if let Some(x) = alibi.iter().find(|x| !x.is_finite()) {

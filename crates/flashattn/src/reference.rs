@@ -13,7 +13,17 @@ use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
 /// The arithmetic the reference runs in.
 pub trait Real:
-    Copy + Send + Sync + PartialOrd + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + Neg<Output = Self> + AddAssign + 'static
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + 'static
 {
     const ZERO: Self;
     const ONE: Self;
@@ -83,7 +93,13 @@ pub struct RefGradients {
 }
 
 /// Standard attention forward on a validated plan.
-pub fn forward<T: Element>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, precision: Precision) -> RefForward {
+pub fn forward<T: Element>(
+    plan: &Plan,
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    precision: Precision,
+) -> RefForward {
     let mut out = vec![0.0f64; plan.q_numel()];
     let mut lse = vec![0.0f64; plan.lse_len()];
     forward_into(plan, (q, k, v), precision, (&mut out, &mut lse), |x| x, |x| x);
@@ -91,7 +107,14 @@ pub fn forward<T: Element>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &
 }
 
 /// Standard attention backward on a validated plan (o is not needed: it is recomputed in the working precision).
-pub fn backward<T: Element>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, dout: &TensorRef<T>, precision: Precision) -> RefGradients {
+pub fn backward<T: Element>(
+    plan: &Plan,
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    dout: &TensorRef<T>,
+    precision: Precision,
+) -> RefGradients {
     let mut dq = vec![0.0f64; plan.q_numel()];
     let mut dk = vec![0.0f64; plan.kv_numel()];
     let mut dv = vec![0.0f64; plan.kv_numel()];
@@ -118,7 +141,14 @@ pub(crate) fn forward_into<T: Element, O: Send, L: Send>(
 }
 
 /// The backward into gradients of any element type (`conv` converts from f64).
-pub(crate) fn backward_into<T: Element, O: Send>(plan: &Plan, (q, k, v): Qkv<T>, dout: &TensorRef<T>, precision: Precision, (dq, dk, dv): (&mut [O], &mut [O], &mut [O]), conv: impl Fn(f64) -> O + Sync) {
+pub(crate) fn backward_into<T: Element, O: Send>(
+    plan: &Plan,
+    (q, k, v): Qkv<T>,
+    dout: &TensorRef<T>,
+    precision: Precision,
+    (dq, dk, dv): (&mut [O], &mut [O], &mut [O]),
+    conv: impl Fn(f64) -> O + Sync,
+) {
     let ptrs = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
     match precision {
         Precision::F64 => backward_in::<T, f64, O>(plan, q, k, v, dout, DType::F32, false, ptrs, &conv),
@@ -132,7 +162,14 @@ pub fn scratch_bytes(seqlen_q: usize, seqlen_k: usize, softcap: bool) -> usize {
 }
 
 /// One head's rows, gathered in the working precision: `rows x head_dim`.
-fn gather<T: Element, R: Real>(t: &TensorRef<T>, acc: &Access, seq: usize, head: usize, rows: usize, d: usize) -> Vec<R> {
+fn gather<T: Element, R: Real>(
+    t: &TensorRef<T>,
+    acc: &Access,
+    seq: usize,
+    head: usize,
+    rows: usize,
+    d: usize,
+) -> Vec<R> {
     let mut out = Vec::with_capacity(rows * d);
     for i in 0..rows {
         let base = acc.index(seq, i, head);
@@ -317,7 +354,9 @@ fn backward_in<T: Element, R: Real, O>(
             for i in 0..sq {
                 let do_i = &doh[i * d..(i + 1) * d];
                 // dP_ij = dO_i . V_j, and D_i = sum_j P_ij dP_ij.
-                let dp: Vec<R> = (0..sk).map(|j| if p[i * sk + j] == R::ZERO { R::ZERO } else { rnd(dot(do_i, &vh[j * d..(j + 1) * d])) }).collect();
+                let dp: Vec<R> = (0..sk)
+                    .map(|j| if p[i * sk + j] == R::ZERO { R::ZERO } else { rnd(dot(do_i, &vh[j * d..(j + 1) * d])) })
+                    .collect();
                 let di = (0..sk).fold(R::ZERO, |a, j| a + p[i * sk + j] * dp[j]);
                 for j in 0..sk {
                     let pij = p[i * sk + j];

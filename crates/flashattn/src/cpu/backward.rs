@@ -97,9 +97,9 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &BwdArgs<T>, task: &Task, s
     let ld = round_up(d, nr);
     let keys = task.rows.clone();
     let nk = keys.len();
-    pack::panels(args.k.data, &plan.k, seq, hk, keys.clone(), d, nr, &mut sc.kt);
-    pack::panels(args.v.data, &plan.v, seq, hk, keys.clone(), d, nr, &mut sc.vt);
-    pack::rows(args.k.data, &plan.k, seq, hk, keys.clone(), d, ld, 1.0, &mut sc.k);
+    pack::panels(args.k.data, &plan.k, (seq, hk), keys.clone(), d, nr, &mut sc.kt);
+    pack::panels(args.v.data, &plan.v, (seq, hk), keys.clone(), d, nr, &mut sc.vt);
+    pack::rows(args.k.data, &plan.k, (seq, hk), keys.clone(), d, ld, &mut sc.k);
     zeroed(&mut sc.dk, nk * ld);
     zeroed(&mut sc.dv, nk * ld);
     let len_q = plan.len_q[seq];
@@ -138,14 +138,22 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &BwdArgs<T>, task: &Task, s
 /// One query head's share of a task: query rows `rows` of head `h` against `keys`, into the task's dK and dV
 /// and into dQ, whose row i starts at `dq.0 + i * dq.1`.
 #[inline(always)]
-unsafe fn head<S: Simd, T: Element>(args: &BwdArgs<T>, sc: &mut Scratch, map: &ScoreMap, (seq, h): (usize, usize), keys: Range<usize>, rows: Range<usize>, dq: (*mut f32, usize)) {
+unsafe fn head<S: Simd, T: Element>(
+    args: &BwdArgs<T>,
+    sc: &mut Scratch,
+    map: &ScoreMap,
+    (seq, h): (usize, usize),
+    keys: Range<usize>,
+    rows: Range<usize>,
+    dq: (*mut f32, usize),
+) {
     let plan = args.plan;
     let (d, nr) = (plan.head_dim, 2 * S::W);
     let ld = round_up(d, nr);
     let (scale, softcap) = (plan.mask.scale, plan.mask.softcap.is_some());
     let bm = block_m::<S>();
-    pack::rows(args.q.data, &plan.q, seq, h, rows.clone(), d, ld, 1.0, &mut sc.q);
-    pack::rows(args.dout.data, &args.dout_acc, seq, h, rows.clone(), d, ld, 1.0, &mut sc.dout);
+    pack::rows(args.q.data, &plan.q, (seq, h), rows.clone(), d, ld, &mut sc.q);
+    pack::rows(args.dout.data, &args.dout_acc, (seq, h), rows.clone(), d, ld, &mut sc.dout);
     sc.lse.clear();
     sc.delta.clear();
     for i in rows.clone() {
@@ -167,16 +175,41 @@ unsafe fn head<S: Simd, T: Element>(args: &BwdArgs<T>, sc: &mut Scratch, map: &S
             // S = Q K^T and dP = dO V^T.
             let qa = MatA { ptr: sc.q.as_ptr().add(qi * ld), rs: ld, cs: 1 };
             let da = MatA { ptr: sc.dout.as_ptr().add(qi * ld), rs: ld, cs: 1 };
-            gemm::<S>(m, ncp, d, qa, MatB { ptr: sc.kt.as_ptr().add(first * d), rs: nr, ps: d * nr }, MatC { ptr: p.as_mut_ptr(), rs: BLOCK_N }, Update::Set);
-            gemm::<S>(m, ncp, d, da, MatB { ptr: sc.vt.as_ptr().add(first * d), rs: nr, ps: d * nr }, MatC { ptr: ds.as_mut_ptr(), rs: BLOCK_N }, Update::Set);
+            gemm::<S>(
+                m,
+                ncp,
+                d,
+                qa,
+                MatB { ptr: sc.kt.as_ptr().add(first * d), rs: nr, ps: d * nr },
+                MatC { ptr: p.as_mut_ptr(), rs: BLOCK_N },
+                Update::Set,
+            );
+            gemm::<S>(
+                m,
+                ncp,
+                d,
+                da,
+                MatB { ptr: sc.vt.as_ptr().add(first * d), rs: nr, ps: d * nr },
+                MatC { ptr: ds.as_mut_ptr(), rs: BLOCK_N },
+                Update::Set,
+            );
             let full = map.mask.block_is_full(i0..i1, j0..j1);
             for r in 0..m {
                 let span = r * BLOCK_N..r * BLOCK_N + ncp;
                 map.row::<S>(&mut p[span.clone()], i0 + r, j0, nc, full, softcap.then(|| &mut dcap[span.clone()]));
-                grad_row::<S>(&mut p[span.clone()], &mut ds[span.clone()], softcap.then(|| &dcap[span]), sc.lse[qi + r], sc.delta[qi + r], scale);
+                grad_row::<S>(
+                    &mut p[span.clone()],
+                    &mut ds[span.clone()],
+                    softcap.then(|| &dcap[span]),
+                    map.pending(),
+                    sc.lse[qi + r],
+                    sc.delta[qi + r],
+                    scale,
+                );
             }
             // dV += P^T dO, dK += dS^T Q, dQ += dS K.
-            let (pt, dst) = (MatA { ptr: p.as_ptr(), rs: 1, cs: BLOCK_N }, MatA { ptr: ds.as_ptr(), rs: 1, cs: BLOCK_N });
+            let (pt, dst) =
+                (MatA { ptr: p.as_ptr(), rs: 1, cs: BLOCK_N }, MatA { ptr: ds.as_ptr(), rs: 1, cs: BLOCK_N });
             let dout_b = MatB { ptr: sc.dout.as_ptr().add(qi * ld), rs: ld, ps: nr };
             let q_b = MatB { ptr: sc.q.as_ptr().add(qi * ld), rs: ld, ps: nr };
             gemm::<S>(nc, ld, m, pt, dout_b, MatC { ptr: sc.dv.as_mut_ptr().add(first * ld), rs: ld }, Update::Add);
@@ -189,10 +222,18 @@ unsafe fn head<S: Simd, T: Element>(args: &BwdArgs<T>, sc: &mut Scratch, map: &S
     }
 }
 
-/// Scores to probabilities `P = exp(s - lse)` (in `p`) and the products dO.V to
-/// `dS = P (dP - D) scale [1 - tanh^2]` (in `ds`), for one row.
+/// Scores (still to be multiplied by `pending`) to probabilities `P = exp(s - lse)` (in `p`) and the
+/// products dO.V to `dS = P (dP - D) scale [1 - tanh^2]` (in `ds`), for one row.
 #[inline(always)]
-unsafe fn grad_row<S: Simd>(p: &mut [f32], ds: &mut [f32], dcap: Option<&[f32]>, lse: f32, delta: f32, scale: f32) {
+unsafe fn grad_row<S: Simd>(
+    p: &mut [f32],
+    ds: &mut [f32],
+    dcap: Option<&[f32]>,
+    pending: f32,
+    lse: f32,
+    delta: f32,
+    scale: f32,
+) {
     unsafe {
         if lse == f32::NEG_INFINITY {
             // The row sees no key: it has no probabilities and passes no gradient.
@@ -201,9 +242,9 @@ unsafe fn grad_row<S: Simd>(p: &mut [f32], ds: &mut [f32], dcap: Option<&[f32]>,
             return;
         }
         let (pp, dp) = (p.as_mut_ptr(), ds.as_mut_ptr());
-        let (lv, dv, sv) = (S::splat(lse), S::splat(delta), S::splat(scale));
+        let (neg_lse, pend, dv, sv) = (S::splat(-lse), S::splat(pending), S::splat(delta), S::splat(scale));
         for t in (0..p.len()).step_by(S::W) {
-            let prob = exp::<S>(S::sub(S::load(pp.add(t)), lv));
+            let prob = exp::<S>(S::fma(S::load(pp.add(t)), pend, neg_lse));
             S::store(pp.add(t), prob);
             let mut g = S::mul(S::mul(prob, S::sub(S::load(dp.add(t)), dv)), sv);
             if let Some(dc) = dcap {

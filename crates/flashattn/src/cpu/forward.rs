@@ -53,14 +53,14 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &FwdArgs<T>, task: &Task, s
     let ld = round_up(d, nr);
     let seq = task.seq;
     let keys = super::task_keys(plan, task);
-    pack::panels(args.k.data, &plan.k, seq, task.head_kv, keys.clone(), d, nr, &mut scratch.kt);
-    pack::rows(args.v.data, &plan.v, seq, task.head_kv, keys.clone(), d, ld, 1.0, &mut scratch.v);
+    pack::panels(args.k.data, &plan.k, (seq, task.head_kv), keys.clone(), d, nr, &mut scratch.kt);
+    pack::rows(args.v.data, &plan.v, (seq, task.head_kv), keys.clone(), d, ld, &mut scratch.v);
     let bm = block_m::<S>();
     for h in task.head_kv * plan.group()..(task.head_kv + 1) * plan.group() {
         let map = ScoreMap::new(plan, seq, h);
         for r0 in task.rows.clone().step_by(bm) {
             let rows = r0..(r0 + bm).min(task.rows.end);
-            pack::rows(args.q.data, &plan.q, seq, h, rows.clone(), d, d, 1.0, &mut scratch.q);
+            pack::rows(args.q.data, &plan.q, (seq, h), rows.clone(), d, d, &mut scratch.q);
             let m = rows.len();
             let o = zeroed(&mut scratch.o, m * ld);
             let max = &mut scratch.max;
@@ -93,7 +93,7 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &FwdArgs<T>, task: &Task, s
                     let row = &mut s[r * BLOCK_N..r * BLOCK_N + ncp];
                     unsafe {
                         map.row::<S>(row, rows.start + r, c0, nc, full, None);
-                        scratch.corr[r] = softmax_row::<S>(row, &mut max[r], &mut scratch.sum[r]);
+                        scratch.corr[r] = softmax_row::<S>(row, map.pending(), &mut max[r], &mut scratch.sum[r]);
                     }
                 }
                 unsafe {
@@ -124,29 +124,39 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &FwdArgs<T>, task: &Task, s
     }
 }
 
-/// One step of the online softmax on a row of scores: updates the running max and sum, replaces the scores by
-/// `exp(s - max)` and returns the factor that rescales the row's earlier accumulation.
+/// One step of the online softmax on a row of scores (still to be multiplied by `pending`): updates the
+/// running max and sum, replaces the scores by `exp(s - max)` and returns the factor that rescales the row's
+/// earlier accumulation.
 #[inline(always)]
-unsafe fn softmax_row<S: Simd>(row: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
+unsafe fn softmax_row<S: Simd>(row: &mut [f32], pending: f32, max: &mut f32, sum: &mut f32) -> f32 {
     unsafe {
-        let p = row.as_mut_ptr();
+        let (p, n) = (row.as_mut_ptr(), row.len());
         let mut mv = S::splat(f32::NEG_INFINITY);
-        for t in (0..row.len()).step_by(S::W) {
+        for t in (0..n).step_by(S::W) {
             mv = S::max(mv, S::load(p.add(t)));
         }
-        let new_max = max.max(S::hmax(mv));
+        let new_max = max.max(S::hmax(mv) * pending);
         // A row that has seen no key yet keeps a max of -inf; subtract 0 so its scores stay exp(-inf) = 0.
         let shift = if new_max == f32::NEG_INFINITY { 0.0 } else { new_max };
         let corr = (*max - shift).exp();
-        let sh = S::splat(shift);
-        let mut acc = S::splat(0.0);
-        for t in (0..row.len()).step_by(S::W) {
-            let e = exp::<S>(S::sub(S::load(p.add(t)), sh));
-            S::store(p.add(t), e);
-            acc = S::add(acc, e);
+        let (scale, neg_shift) = (S::splat(pending), S::splat(-shift));
+        for t in (0..n).step_by(S::W) {
+            S::store(p.add(t), exp::<S>(S::fma(S::load(p.add(t)), scale, neg_shift)));
+        }
+        // Summed in a second pass over the (cached) row: inside the exponential's loop the accumulator would
+        // not fit in the registers and its dependency chain would run through memory.
+        let (mut a0, mut a1) = (S::splat(0.0), S::splat(0.0));
+        let mut t = 0;
+        while t + 2 * S::W <= n {
+            a0 = S::add(a0, S::load(p.add(t)));
+            a1 = S::add(a1, S::load(p.add(t + S::W)));
+            t += 2 * S::W;
+        }
+        if t < n {
+            a0 = S::add(a0, S::load(p.add(t)));
         }
         *max = new_max;
-        *sum = *sum * corr + S::hsum(acc);
+        *sum = *sum * corr + S::hsum(S::add(a0, a1));
         corr
     }
 }

@@ -45,19 +45,34 @@ pub(crate) enum Update {
 /// # Safety
 /// The CPU supports `S`; A, B and C are valid for the tile's rows, `k` and `2W` columns.
 #[inline(always)]
-pub(crate) unsafe fn microkernel<S: Simd, const MR: usize>(k: usize, a: MatA, b: *const f32, rsb: usize, c: MatC, up: Update) {
+pub(crate) unsafe fn microkernel<S: Simd, const MR: usize>(
+    k: usize,
+    a: MatA,
+    b: *const f32,
+    rsb: usize,
+    c: MatC,
+    up: Update,
+) {
     unsafe {
         let mut acc = [[S::splat(0.0); 2]; MR];
-        let (mut ap, mut bp) = (a.ptr, b);
+        // Rows of A from bases three rows apart: row r is base[r / 3] + (r % 3) * rs, which x86 addressing
+        // (base + index * 1 or 2) reaches without per-row pointer arithmetic in the loop.
+        let mut base = [a.ptr; 5];
+        for (g, b) in base.iter_mut().enumerate() {
+            *b = a.ptr.wrapping_add(3 * g * a.rs);
+        }
+        let mut bp = b;
         for _ in 0..k {
             let b0 = S::load(bp);
             let b1 = S::load(bp.add(S::W));
             for (r, acc) in acc.iter_mut().enumerate() {
-                let x = S::splat(*ap.add(r * a.rs));
+                let x = S::splat(*base[r / 3].add((r % 3) * a.rs));
                 acc[0] = S::fma(x, b0, acc[0]);
                 acc[1] = S::fma(x, b1, acc[1]);
             }
-            ap = ap.add(a.cs);
+            for b in base.iter_mut().take(MR.div_ceil(3)) {
+                *b = b.add(a.cs);
+            }
             bp = bp.add(rsb);
         }
         for (r, acc) in acc.iter().enumerate() {
@@ -101,7 +116,7 @@ pub(crate) use tile_fn;
 #[inline(always)]
 pub(crate) unsafe fn gemm<S: Simd>(m: usize, n: usize, k: usize, a: MatA, b: MatB, c: MatC, up: Update) {
     let nr = 2 * S::W;
-    debug_assert!(n % nr == 0, "n = {n} is not a multiple of {nr}");
+    debug_assert!(n.is_multiple_of(nr), "n = {n} is not a multiple of {nr}");
     unsafe {
         for p in 0..n / nr {
             let (bp, cp) = (b.ptr.add(p * b.ps), c.ptr.add(p * nr));

@@ -65,7 +65,9 @@ impl Isa {
     pub fn detect() -> Result<Isa> {
         match std::env::var("FLASHATTN_CPU_ISA") {
             Ok(name) if !name.is_empty() && name != "auto" => {
-                let isa: Isa = name.parse().map_err(|e: String| AttnError::option("FLASHATTN_CPU_ISA", "auto, portable, avx2 or avx512", e))?;
+                let isa: Isa = name
+                    .parse()
+                    .map_err(|e: String| AttnError::option("FLASHATTN_CPU_ISA", "auto, portable, avx2 or avx512", e))?;
                 isa.require()
             }
             _ => Ok(Isa::supported()[0]),
@@ -77,7 +79,10 @@ impl Isa {
         if self.is_supported() {
             Ok(self)
         } else {
-            Err(AttnError::Unsupported { what: format!("CPU instruction set {self}"), why: format!("this CPU supports {:?}", Isa::supported()) })
+            Err(AttnError::Unsupported {
+                what: format!("CPU instruction set {self}"),
+                why: format!("this CPU supports {:?}", Isa::supported()),
+            })
         }
     }
 
@@ -127,12 +132,12 @@ fn tasks(plan: &Plan, lens: &[usize], other: &[usize], block: usize) -> (Vec<Tas
     let longest = lens.iter().copied().max().unwrap_or(0);
     let chunks = (4 * threads).div_ceil(heads).clamp(1, longest.div_ceil(block).max(1));
     let mut out = Vec::new();
-    for seq in 0..plan.batch {
-        let step = lens[seq].div_ceil(chunks).div_ceil(block).max(1) * block;
+    for (seq, &len) in lens.iter().enumerate() {
+        let step = len.div_ceil(chunks).div_ceil(block).max(1) * block;
         for head_kv in 0..plan.heads_kv {
             // An empty sequence still gets a task: the other side's rows must be written (o = 0, dq = 0).
-            for (chunk, start) in (0..lens[seq].max(1)).step_by(step).enumerate() {
-                out.push(Task { seq, head_kv, rows: start..(start + step).min(lens[seq]), chunk });
+            for (chunk, start) in (0..len.max(1)).step_by(step).enumerate() {
+                out.push(Task { seq, head_kv, rows: start..(start + step).min(len), chunk });
             }
         }
     }
@@ -180,7 +185,15 @@ entry_points!(forward, FwdArgs, Scratch, fwd_portable, fwd_avx2, fwd_avx512);
 entry_points!(backward, BwdArgs, Scratch, bwd_portable, bwd_avx2, bwd_avx512);
 
 /// Flash forward into `out` (q's shape, contiguous) and `lse`.
-pub(crate) fn forward<T: Element>(plan: &Plan, isa: Isa, q: &TensorRef<T>, k: &TensorRef<T>, v: &TensorRef<T>, out: &mut [T], lse: &mut [f32]) -> Result<()> {
+pub(crate) fn forward<T: Element>(
+    plan: &Plan,
+    isa: Isa,
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    out: &mut [T],
+    lse: &mut [f32],
+) -> Result<()> {
     isa.require()?;
     plan.check_output("out", out.len(), plan.q_numel())?;
     plan.check_output("lse", lse.len(), plan.lse_len())?;
@@ -225,7 +238,11 @@ pub(crate) fn backward<T: Element>(
     let ld = pack::round_up(d, 32);
     let slab_len = plan.q_numel() / d.max(1) * ld;
     let mut slabs = if chunks > 1 { try_zeroed(chunks * slab_len, "the dq accumulator")? } else { Vec::new() };
-    let dq_target = if chunks > 1 { backward::DqTarget::Slabs { ptr: SharedMut(slabs.as_mut_ptr()), len: slab_len, ld } } else { backward::DqTarget::Direct(SharedMut(dq.as_mut_ptr())) };
+    let dq_target = if chunks > 1 {
+        backward::DqTarget::Slabs { ptr: SharedMut(slabs.as_mut_ptr()), len: slab_len, ld }
+    } else {
+        backward::DqTarget::Direct(SharedMut(dq.as_mut_ptr()))
+    };
     let args = backward::BwdArgs {
         plan,
         q,

@@ -18,15 +18,22 @@ pub(crate) fn zeroed(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buf
 }
 
-/// Rows `rows` of head `head` of sequence `seq`, row-major with `ld >= d` floats a row (the padding zero),
-/// each element times `factor`.
+/// Rows `rows` of head `head` of sequence `seq`, row-major with `ld >= d` floats a row (the padding zero).
 #[inline(always)]
-pub(crate) fn rows<T: Element>(src: &[T], acc: &Access, seq: usize, head: usize, rows: Range<usize>, d: usize, ld: usize, factor: f32, dst: &mut Vec<f32>) {
+pub(crate) fn rows<T: Element>(
+    src: &[T],
+    acc: &Access,
+    (seq, head): (usize, usize),
+    rows: Range<usize>,
+    d: usize,
+    ld: usize,
+    dst: &mut Vec<f32>,
+) {
     let dst = zeroed(dst, rows.len() * ld);
     for (r, i) in rows.enumerate() {
         let base = acc.index(seq, i, head);
         for (o, x) in dst[r * ld..r * ld + d].iter_mut().zip(&src[base..base + d]) {
-            *o = x.to_f32() * factor;
+            *o = x.to_f32();
         }
     }
 }
@@ -34,7 +41,15 @@ pub(crate) fn rows<T: Element>(src: &[T], acc: &Access, seq: usize, head: usize,
 /// Rows `rows` transposed into panels of `nr` rows: `dst[p * d * nr + c * nr + n]` = element `c` of row
 /// `rows.start + p * nr + n`. Rows past the end of the range are zero.
 #[inline(always)]
-pub(crate) fn panels<T: Element>(src: &[T], acc: &Access, seq: usize, head: usize, rows: Range<usize>, d: usize, nr: usize, dst: &mut Vec<f32>) {
+pub(crate) fn panels<T: Element>(
+    src: &[T],
+    acc: &Access,
+    (seq, head): (usize, usize),
+    rows: Range<usize>,
+    d: usize,
+    nr: usize,
+    dst: &mut Vec<f32>,
+) {
     let dst = zeroed(dst, round_up(rows.len(), nr) * d);
     for (r, i) in rows.enumerate() {
         let base = acc.index(seq, i, head);

@@ -25,14 +25,40 @@ impl ScoreMap {
         }
     }
 
-    /// Turns `row` (products of query `i` with keys `c0..c0 + row.len()`) into scores in place; keys at or
-    /// past `c0 + valid` and those the mask hides become -inf. With `full`, the caller knows the mask hides
-    /// nothing below `valid`. When `dcap` is given and softcap is on, it receives d score / d (scaled product).
+    /// The factor the scores still need after [`Self::row`]: with neither softcap nor ALiBi and a positive
+    /// scale, `row` leaves the products unscaled (the max commutes with the scale), and the exponential applies
+    /// it in its fused multiply-add; otherwise 1.
+    #[inline(always)]
+    pub fn pending(&self) -> f32 {
+        if self.deferred() {
+            self.factor
+        } else {
+            1.0
+        }
+    }
+
+    #[inline(always)]
+    fn deferred(&self) -> bool {
+        self.cap.is_none() && self.slope.is_none() && self.factor > 0.0
+    }
+
+    /// Turns `row` (products of query `i` with keys `c0..c0 + row.len()`) into scores (divided by
+    /// [`Self::pending`]) in place; keys at or past `c0 + valid` and those the mask hides become -inf. With
+    /// `full`, the caller knows the mask hides nothing below `valid`. When `dcap` is given and softcap is on, it
+    /// receives d score / d (scaled product).
     ///
     /// # Safety
     /// The CPU supports `S`; `row.len()` (and `dcap`'s) is a multiple of `S::W`.
     #[inline(always)]
-    pub unsafe fn row<S: Simd>(&self, row: &mut [f32], i: usize, c0: usize, valid: usize, full: bool, dcap: Option<&mut [f32]>) {
+    pub unsafe fn row<S: Simd>(
+        &self,
+        row: &mut [f32],
+        i: usize,
+        c0: usize,
+        valid: usize,
+        full: bool,
+        dcap: Option<&mut [f32]>,
+    ) {
         let n = row.len();
         unsafe {
             let p = row.as_mut_ptr();
@@ -47,7 +73,7 @@ impl ScoreMap {
                         S::store(dp.add(t), sech2);
                     }
                 }
-            } else if self.factor != 1.0 {
+            } else if !self.deferred() && self.factor != 1.0 {
                 for t in (0..n).step_by(S::W) {
                     S::store(p.add(t), S::mul(S::load(p.add(t)), factor));
                 }

@@ -60,7 +60,7 @@ unsafe fn exp_parts<S: Simd>(x: S::V) -> (S::V, S::V) {
         p = S::fma(p, r, S::splat(8.333_452e-3));
         p = S::fma(p, r, S::splat(4.166_579_6e-2));
         p = S::fma(p, r, S::splat(1.666_666_5e-1));
-        p = S::fma(p, r, S::splat(5.000_000_1e-1));
+        p = S::fma(p, r, S::splat(0.5));
         let q = S::fma(S::mul(p, r), r, r);
         (S::pow2i(n), q)
     }

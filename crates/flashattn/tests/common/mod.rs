@@ -105,10 +105,12 @@ impl Case {
 }
 
 pub fn cumsum(lens: &[usize]) -> Vec<i32> {
-    std::iter::once(0).chain(lens.iter().scan(0, |s, &l| {
-        *s += l as i32;
-        Some(*s)
-    })).collect()
+    std::iter::once(0)
+        .chain(lens.iter().scan(0, |s, &l| {
+            *s += l as i32;
+            Some(*s)
+        }))
+        .collect()
 }
 
 /// A tensor's storage with its (possibly padded) strides.
@@ -195,7 +197,18 @@ pub fn inputs<T: Element>(case: &Case) -> Inputs<T> {
 /// Largest absolute difference; positions where both are -inf agree, any other non-finite value is infinite error.
 pub fn max_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(&x, &y)| if x == y { 0.0 } else if x.is_finite() && y.is_finite() { (x - y).abs() } else { f64::INFINITY }).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            if x == y {
+                0.0
+            } else if x.is_finite() && y.is_finite() {
+                (x - y).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max)
 }
 
 pub fn max_abs(a: &[f64]) -> f64 {
@@ -204,10 +217,22 @@ pub fn max_abs(a: &[f64]) -> f64 {
 
 /// error(ours) <= factor * error(standard) + slack * (1 + magnitude), magnitude the size of the values involved.
 #[allow(clippy::too_many_arguments)]
-pub fn check_close(what: &str, case: &Case, ours: &[f64], oracle: &[f64], standard: &[f64], factor: f64, slack: f64, magnitude: f64) -> Result<(), TestCaseError> {
+pub fn check_close(
+    what: &str,
+    case: &Case,
+    ours: &[f64],
+    oracle: &[f64],
+    standard: &[f64],
+    factor: f64,
+    slack: f64,
+    magnitude: f64,
+) -> Result<(), TestCaseError> {
     let (e_ours, e_std) = (max_err(ours, oracle), max_err(standard, oracle));
     let bound = factor * e_std + slack * (1.0 + magnitude);
-    prop_assert!(e_ours <= bound, "{what}: error {e_ours:.3e} > bound {bound:.3e} (standard attention's error {e_std:.3e}) for {case:?}");
+    prop_assert!(
+        e_ours <= bound,
+        "{what}: error {e_ours:.3e} > bound {bound:.3e} (standard attention's error {e_std:.3e}) for {case:?}"
+    );
     Ok(())
 }
 
@@ -240,7 +265,8 @@ fn check_typed<T: Element>(case: &Case, backend: Backend, with_backward: bool) -
     // Poisoned outputs: an element the kernel forgets stays NaN and fails the comparison.
     let mut out = vec![T::from_f32(f32::NAN); plan.q_numel()];
     let mut lse = vec![f32::NAN; plan.lse_len()];
-    flashattn::forward_into(&q, &k, &v, &opts, backend, &mut out, &mut lse).map_err(|e| TestCaseError::fail(format!("{e}")))?;
+    flashattn::forward_into(&q, &k, &v, &opts, backend, &mut out, &mut lse)
+        .map_err(|e| TestCaseError::fail(format!("{e}")))?;
     let out64: Vec<f64> = out.iter().map(|x| x.to_f32() as f64).collect();
     let lse64: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
     let s = slack(T::DTYPE);
@@ -250,14 +276,19 @@ fn check_typed<T: Element>(case: &Case, backend: Backend, with_backward: bool) -
         return Ok(());
     }
     // The backward consumes our own forward's o and lse, as a training step would.
-    let o = Stored { data: out, shape: plan.q_shape().to_vec(), strides: flashattn::tensor::contiguous_strides(plan.q_shape()) };
+    let o = Stored {
+        data: out,
+        shape: plan.q_shape().to_vec(),
+        strides: flashattn::tensor::contiguous_strides(plan.q_shape()),
+    };
     let dout = inp.dout.view();
     let oracle_g = reference::backward(&plan, &q, &k, &v, &dout, Precision::F64);
     let standard_g = reference::backward(&plan, &q, &k, &v, &dout, Precision::Native);
     let mut dq = vec![T::from_f32(f32::NAN); plan.q_numel()];
     let mut dk = vec![T::from_f32(f32::NAN); plan.kv_numel()];
     let mut dv = vec![T::from_f32(f32::NAN); plan.kv_numel()];
-    flashattn::backward_into(&q, &k, &v, &o.view(), &lse, &dout, &opts, backend, (&mut dq, &mut dk, &mut dv)).map_err(|e| TestCaseError::fail(format!("{e}")))?;
+    flashattn::backward_into(&q, &k, &v, &o.view(), &lse, &dout, &opts, backend, (&mut dq, &mut dk, &mut dv))
+        .map_err(|e| TestCaseError::fail(format!("{e}")))?;
     let f = |x: &[T]| x.iter().map(|x| x.to_f32() as f64).collect::<Vec<f64>>();
     // Gradients are sums of terms as large as the largest gradient; cancellation leaves rounding of that size.
     let mag = max_abs(&oracle_g.dq).max(max_abs(&oracle_g.dk)).max(max_abs(&oracle_g.dv));
@@ -272,42 +303,54 @@ fn check_typed<T: Element>(case: &Case, backend: Backend, with_backward: bool) -
 pub fn any_case(dtypes: Vec<DType>, head_dims: Vec<usize>) -> impl Strategy<Value = Case> {
     let lens = prop_oneof![Just(1usize), 1usize..20, 20usize..200, 190usize..330];
     (
-        (prop::sample::select(dtypes), 1usize..4, lens.clone(), lens, prop::sample::select(vec![(1usize, 1usize), (2, 1), (4, 2), (3, 3), (6, 2)])),
+        (
+            prop::sample::select(dtypes),
+            1usize..4,
+            lens.clone(),
+            lens,
+            prop::sample::select(vec![(1usize, 1usize), (2, 1), (4, 2), (3, 3), (6, 2)]),
+        ),
         (prop::sample::select(head_dims), any::<bool>(), 0usize..5, any::<bool>(), any::<bool>()),
         (any::<bool>(), any::<bool>(), any::<u64>(), 0usize..6),
     )
-        .prop_map(|((dtype, batch, sq, sk, (hq, hkv)), (d, causal, window_kind, softcap, alibi), (varlen, strided, seed, scale_kind))| {
-            let mut rng = Rng::new(seed ^ 0x5eed);
-            let (len_q, len_k) = if varlen {
-                // Some sequences empty, lengths varied around the drawn ones.
-                let draw = |rng: &mut Rng, n: usize| if rng.below(5) == 0 { 0 } else { 1 + rng.below(n) };
-                let lq: Vec<usize> = (0..batch + 1).map(|_| draw(&mut rng, sq)).collect();
-                let lk: Vec<usize> = (0..batch + 1).map(|_| draw(&mut rng, sk)).collect();
-                (lq, lk)
-            } else {
-                (vec![sq; batch], vec![sk; batch])
-            };
-            let window = match window_kind {
-                0 | 1 => (None, None),
-                2 => (Some(rng.below(40)), Some(rng.below(40))),
-                3 => (Some(rng.below(40)), None),
-                _ => (None, Some(rng.below(40))),
-            };
-            Case {
-                dtype,
-                len_q,
-                len_k,
-                varlen,
-                heads_q: hq,
-                heads_kv: hkv,
-                head_dim: d,
-                causal,
-                window,
-                softcap: softcap.then_some(2.0 + (seed % 30) as f32),
-                alibi,
-                scale: (scale_kind == 0).then_some(0.3),
-                strided,
-                seed,
-            }
-        })
+        .prop_map(
+            |(
+                (dtype, batch, sq, sk, (hq, hkv)),
+                (d, causal, window_kind, softcap, alibi),
+                (varlen, strided, seed, scale_kind),
+            )| {
+                let mut rng = Rng::new(seed ^ 0x5eed);
+                let (len_q, len_k) = if varlen {
+                    // Some sequences empty, lengths varied around the drawn ones.
+                    let draw = |rng: &mut Rng, n: usize| if rng.below(5) == 0 { 0 } else { 1 + rng.below(n) };
+                    let lq: Vec<usize> = (0..batch + 1).map(|_| draw(&mut rng, sq)).collect();
+                    let lk: Vec<usize> = (0..batch + 1).map(|_| draw(&mut rng, sk)).collect();
+                    (lq, lk)
+                } else {
+                    (vec![sq; batch], vec![sk; batch])
+                };
+                let window = match window_kind {
+                    0 | 1 => (None, None),
+                    2 => (Some(rng.below(40)), Some(rng.below(40))),
+                    3 => (Some(rng.below(40)), None),
+                    _ => (None, Some(rng.below(40))),
+                };
+                Case {
+                    dtype,
+                    len_q,
+                    len_k,
+                    varlen,
+                    heads_q: hq,
+                    heads_kv: hkv,
+                    head_dim: d,
+                    causal,
+                    window,
+                    softcap: softcap.then_some(2.0 + (seed % 30) as f32),
+                    alibi,
+                    scale: (scale_kind == 0).then_some(0.3),
+                    strided,
+                    seed,
+                }
+            },
+        )
 }
