@@ -5,6 +5,7 @@
 //! call; a matrix multiplication measured in the same run gives the machine's ceiling for context.
 
 use crate::alloc::peak_extra;
+use crate::device::{self, Device};
 use crate::plot;
 use crate::subject::{self, Pass, Shape, Subject};
 use clap::{Args, ValueEnum};
@@ -31,12 +32,12 @@ pub enum PassSel {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Where flash attention runs: cpu.
-    #[arg(long, default_value = "cpu")]
+    /// Where flash attention runs: auto (a CUDA GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Element type of q, k, v.
-    #[arg(long, default_value = "f32")]
-    pub dtype: DType,
+    /// Element type of q, k, v [default: f32 on the CPU, bf16 on a GPU].
+    #[arg(long)]
+    pub dtype: Option<DType>,
     /// Head dimensions to sweep (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "64")]
     pub head_dim: Vec<usize>,
@@ -58,8 +59,9 @@ pub struct BenchArgs {
     /// Which passes to time.
     #[arg(long, value_enum, default_value = "both")]
     pub pass: PassSel,
-    /// Implementations to compare (comma-separated).
-    #[arg(long = "impl", value_enum, value_delimiter = ',', default_values = ["flash", "reference"])]
+    /// Implementations to compare (comma-separated) [default: flash,reference on the CPU; flash on a GPU]. The
+    /// reference always runs on the CPU.
+    #[arg(long = "impl", value_enum, value_delimiter = ',')]
     pub impls: Vec<Impl>,
     /// Print one JSON object per measurement on stdout instead of the table.
     #[arg(long)]
@@ -113,10 +115,16 @@ pub struct Ceiling {
     pub tflops: f64,
 }
 
+/// What a run measures on: the device, its element type, and the implementations.
+struct Setup {
+    device: Device,
+    isa: Isa,
+    dtype: DType,
+    label: String,
+}
+
 pub fn run(args: &BenchArgs) -> Result<(), String> {
-    if args.device != "cpu" {
-        return Err(format!("--device {}: this build runs on the cpu only", args.device));
-    }
+    let device = device::parse(&args.device)?;
     let isa = match args.cpu_isa {
         Some(isa) => isa.require().map_err(|e| e.to_string())?,
         None => Isa::detect().map_err(|e| e.to_string())?,
@@ -124,14 +132,29 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     if args.seqlen.is_empty() || args.seqlen.contains(&0) {
         return Err("--seqlen: expected positive sequence lengths".into());
     }
+    let dtype = args.dtype.unwrap_or(if device == Device::Cpu { DType::F32 } else { DType::BF16 });
+    if device != Device::Cpu && dtype == DType::F32 {
+        return Err("--dtype f32: the GPU kernels take f16 or bf16".into());
+    }
+    let impls = if !args.impls.is_empty() {
+        args.impls.clone()
+    } else if device == Device::Cpu {
+        vec![Impl::Flash, Impl::Reference]
+    } else {
+        vec![Impl::Flash]
+    };
     let passes: &[Pass] = match args.pass {
         PassSel::Fwd => &[Pass::Forward],
         PassSel::Bwd => &[Pass::Backward],
         PassSel::Both => &[Pass::Forward, Pass::Backward],
     };
     let threads = rayon::current_num_threads();
-    let device = format!("cpu ({isa}, {threads} threads)");
-    let first = gemm_ceiling(args.json);
+    let label = match device {
+        Device::Cpu => format!("cpu ({isa}, {threads} threads)"),
+        Device::Cuda(i) => format!("cuda:{i} ({})", gpu_name(i)),
+    };
+    let setup = Setup { device, isa, dtype, label };
+    let first = ceiling(&setup, args.json)?;
 
     let mut shapes = Vec::new();
     for &d in &args.head_dim {
@@ -150,16 +173,16 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             });
         }
     }
-    let total = (shapes.len() * args.impls.len() * passes.len()) as u64;
+    let total = (shapes.len() * impls.len() * passes.len()) as u64;
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(total) };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}] {msg}").unwrap());
 
     let mut rows: Vec<Measurement> = Vec::new();
     for shape in &shapes {
-        for &imp in &args.impls {
+        for &imp in &impls {
             for &pass in passes {
                 bar.set_message(format!("{imp:?} {} d={} N={}", pass.name(), shape.head_dim, shape.seqlen));
-                let m = measure(args, isa, &device, imp, *shape, pass, &rows)?;
+                let m = measure(args, &setup, imp, *shape, pass, &rows)?;
                 if args.json {
                     println!("{}", serde_json::to_string(&m).unwrap());
                 }
@@ -169,18 +192,25 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         }
     }
     bar.finish_and_clear();
-    // The machine's best matrix rate, at the start and at the end of the run (clocks and neighbours drift).
-    let last = gemm_ceiling(args.json);
+    // The machine's matrix rate, at the start and at the end of the run (clocks and neighbours drift).
+    let last = ceiling(&setup, args.json)?;
     let ceiling = if last.tflops > first.tflops { last } else { first };
     if args.json {
         println!("{}", serde_json::to_string(&ceiling).unwrap());
     } else {
-        println!("{device}; f32 GEMM {n}^3 (gemm crate, median of 10, the better of start and end of the run): {:.1} GFLOP/s", ceiling.tflops * 1e3, n = ceiling.size);
-        print_table(&rows, &ceiling);
+        println!(
+            "{}; {} GEMM {n}^3 ({}, median of 10, the better of start and end of the run): {}",
+            setup.label,
+            ceiling.dtype,
+            ceiling.implementation,
+            rate(ceiling.tflops, device),
+            n = ceiling.size
+        );
+        print_table(&rows, &ceiling, device);
         print_summary(&rows);
     }
     if let Some(path) = &args.plot {
-        plot::scaling(path, &rows, &format!("{device}, {}", args.dtype))?;
+        plot::scaling(path, &rows, &format!("{}, {}", setup.label, dtype))?;
         if !args.json {
             println!("plot written to {}", path.display());
         }
@@ -188,26 +218,76 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn impl_name(imp: Impl, isa: Isa) -> String {
-    match imp {
-        Impl::Flash => format!("flash-{isa}"),
-        Impl::Reference => "reference".into(),
+/// A throughput in the unit that suits the device: GFLOP/s on CPUs, TFLOP/s on GPUs.
+fn rate(tflops: f64, device: Device) -> String {
+    match device {
+        Device::Cpu => format!("{:.1} GFLOP/s", tflops * 1e3),
+        Device::Cuda(_) => format!("{tflops:.1} TFLOP/s"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_name(ordinal: usize) -> String {
+    flashattn::cuda::Gpu::open(ordinal).map(|g| g.name().to_string()).unwrap_or_default()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_name(_: usize) -> String {
+    String::new()
+}
+
+/// The device's matrix rate: an f32 GEMM of the gemm crate on the CPU, a bf16 cuBLAS GEMM on a GPU.
+fn ceiling(setup: &Setup, quiet: bool) -> Result<Ceiling, String> {
+    match setup.device {
+        Device::Cpu => Ok(gemm_ceiling(quiet)),
+        Device::Cuda(i) => gpu_ceiling(i, &setup.label, quiet),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_ceiling(ordinal: usize, label: &str, quiet: bool) -> Result<Ceiling, String> {
+    let n = 8192;
+    if !quiet {
+        eprintln!("measuring the bf16 GEMM ceiling ({n}^3, cuBLAS)...");
+    }
+    let gpu = flashattn::cuda::Gpu::open(ordinal).map_err(|e| e.to_string())?;
+    let tflops = gpu.matmul_tflops(n, 10).map_err(|e| e.to_string())?;
+    Ok(Ceiling {
+        implementation: "cublas".into(),
+        device: label.into(),
+        dtype: "bf16".into(),
+        size: n,
+        ms: 2.0 * (n as f64).powi(3) / tflops / 1e9,
+        tflops,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_ceiling(_: usize, _: &str, _: bool) -> Result<Ceiling, String> {
+    Err("no CUDA support in this build".into())
+}
+
+fn impl_name(imp: Impl, setup: &Setup) -> String {
+    match (imp, setup.device) {
+        (Impl::Flash, Device::Cpu) => format!("flash-{}", setup.isa),
+        (Impl::Flash, Device::Cuda(_)) => "flash-cuda".into(),
+        (Impl::Reference, _) => "reference".into(),
     }
 }
 
 fn measure(
     args: &BenchArgs,
-    isa: Isa,
-    device: &str,
+    setup: &Setup,
     imp: Impl,
     shape: Shape,
     pass: Pass,
     done: &[Measurement],
 ) -> Result<Measurement, String> {
+    let on_gpu = imp == Impl::Flash && setup.device != Device::Cpu;
     let mut m = Measurement {
-        implementation: impl_name(imp, isa),
-        device: device.into(),
-        dtype: args.dtype.name().into(),
+        implementation: impl_name(imp, setup),
+        device: if on_gpu || imp == Impl::Flash { setup.label.clone() } else { "cpu".into() },
+        dtype: setup.dtype.name().into(),
         batch: shape.batch,
         heads_q: shape.heads_q,
         heads_kv: shape.heads_kv,
@@ -228,17 +308,30 @@ fn measure(
             return Ok(m);
         }
     }
-    let backend = match imp {
-        Impl::Flash => Backend::Cpu(isa),
-        Impl::Reference => Backend::Reference,
-    };
-    let mut subject = subject::host(backend, args.dtype, shape, pass == Pass::Backward).map_err(|e| e.to_string())?;
+    let mut subject = match (imp, setup.device) {
+        (Impl::Flash, Device::Cpu) => {
+            subject::host(Backend::Cpu(setup.isa), setup.dtype, shape, pass == Pass::Backward)
+        }
+        (Impl::Reference, _) => subject::host(Backend::Reference, setup.dtype, shape, pass == Pass::Backward),
+        (Impl::Flash, Device::Cuda(i)) => gpu_subject(i, setup.dtype, shape, pass),
+    }
+    .map_err(|e| e.to_string())?;
     let t = time(subject.as_mut(), pass, args.min_time).map_err(|e| e.to_string())?;
     m.ms = Some(t.ms);
     m.tflops = Some(shape.forward_flops() * pass.flop_factor() / (t.ms * 1e-3) / 1e12);
     m.peak_bytes = Some(t.peak_bytes);
     m.reps = t.reps;
     Ok(m)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_subject(ordinal: usize, dtype: DType, shape: Shape, pass: Pass) -> flashattn::Result<Box<dyn Subject>> {
+    subject::device(ordinal, dtype, shape, pass == Pass::Backward)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_subject(_: usize, _: DType, _: Shape, _: Pass) -> flashattn::Result<Box<dyn Subject>> {
+    Err(AttnError::Unsupported { what: "CUDA".into(), why: "this build has no CUDA support".into() })
 }
 
 /// Why the reference cannot run this cell: its score matrices would not fit in memory, or it would take longer
@@ -280,26 +373,26 @@ pub struct Timing {
     pub peak_bytes: usize,
 }
 
-/// Median wall time of a pass: one warm-up (which also measures peak memory), then repetitions until
-/// `min_time` seconds have passed (at least 3, at most 100). A warm-up already longer than `min_time` is the
-/// only sample.
+/// Median time of a pass: one warm-up (which also measures peak memory), then batches of calls (each about
+/// 20 ms, so launch gaps and timer resolution do not count) until `min_time` seconds have passed, at least 3
+/// and at most 100 batches. A warm-up already longer than `min_time` is the only sample.
 pub fn time(subject: &mut dyn Subject, pass: Pass, min_time: f64) -> Result<Timing, AttnError> {
     let start = Instant::now();
-    let (r, peak_bytes) = peak_extra(|| subject.run(pass));
+    let (r, heap_peak) = peak_extra(|| subject.run(pass));
     r?;
+    let peak_bytes = subject.workspace_bytes().unwrap_or(heap_peak);
     let warm = start.elapsed().as_secs_f64();
     if warm >= min_time {
         return Ok(Timing { ms: warm * 1e3, reps: 1, peak_bytes });
     }
-    let reps = ((min_time / warm).ceil() as usize).clamp(3, 100);
-    let mut samples = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        subject.run(pass)?;
-        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    let per_batch = ((0.02 / warm).ceil() as usize).clamp(1, 1000);
+    let batches = ((min_time / (warm * per_batch as f64)).ceil() as usize).clamp(3, 100);
+    let mut samples = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        samples.push(subject.run_batch(pass, per_batch)? * 1e3);
     }
     samples.sort_by(f64::total_cmp);
-    Ok(Timing { ms: samples[reps / 2], reps, peak_bytes })
+    Ok(Timing { ms: samples[batches / 2], reps: batches * per_batch, peak_bytes })
 }
 
 /// f32 GEMM throughput of a well-tuned library (the gemm crate) on all threads: median of 10 after a warm-up,
@@ -357,11 +450,15 @@ fn gemm_ceiling(quiet: bool) -> Ceiling {
     }
 }
 
-fn print_table(rows: &[Measurement], ceiling: &Ceiling) {
+fn print_table(rows: &[Measurement], ceiling: &Ceiling, device: Device) {
+    let (unit, scale) = match device {
+        Device::Cpu => ("GFLOP/s", 1e3),
+        Device::Cuda(_) => ("TFLOP/s", 1.0),
+    };
     println!();
     println!(
         "{:<14} {:>4} {:>4} {:>6} {:>7} {:>4} {:>4} {:>10} {:>9} {:>7} {:>12}",
-        "impl", "pass", "d", "causal", "N", "B", "H", "ms", "GFLOP/s", "%GEMM", "peak extra"
+        "impl", "pass", "d", "causal", "N", "B", "H", "ms", unit, "%GEMM", "peak extra"
     );
     for m in rows {
         let head = format!(
@@ -378,8 +475,8 @@ fn print_table(rows: &[Measurement], ceiling: &Ceiling) {
             (Some(why), ..) => println!("{head} skipped: {why}"),
             (None, Some(ms), Some(tf), Some(peak)) => {
                 println!(
-                    "{head} {ms:>10.2} {:>9.1} {:>6.0}% {:>12}",
-                    tf * 1e3,
+                    "{head} {ms:>10.3} {:>9.1} {:>6.0}% {:>12}",
+                    tf * scale,
                     100.0 * tf / ceiling.tflops,
                     human_bytes(peak)
                 )

@@ -2,6 +2,7 @@
 
 mod alloc;
 mod bench;
+mod device;
 mod npy;
 mod plot;
 mod random;
@@ -31,8 +32,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Attention on q, k, v from .npy files; writes o, lse (and dq, dk, dv) as f32 .npy.
     Run(run::RunArgs),
-    /// What this machine offers: CPU instruction sets and threads.
+    /// What this machine offers: CPU instruction sets and threads, GPUs, NVRTC and the kernel cache.
     Info,
+    /// Compiles every GPU kernel variant with NVRTC (no GPU needed) and reports registers, stack and spills;
+    /// fails on a compile error or on spills in the attention kernels.
+    Kernels(KernelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
             info();
             Ok(())
         }
+        Command::Kernels(args) => kernels(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,11 +65,101 @@ fn main() -> ExitCode {
     }
 }
 
+#[derive(clap::Args, Debug)]
+struct KernelsArgs {
+    /// GPU architectures to compile for (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values = ["sm_80", "sm_90"])]
+    arch: Vec<String>,
+    /// Instead of reporting, compile every variant into the kernel cache (so later runs start at once).
+    #[arg(long)]
+    warm: bool,
+}
+
+#[cfg(feature = "cuda")]
+fn kernels(args: &KernelsArgs) -> Result<(), String> {
+    use flashattn::cuda::compile::nvrtc_version;
+    let (major, minor) = nvrtc_version().map_err(|e| e.to_string())?;
+    println!("NVRTC {major}.{minor}");
+    if args.warm {
+        for arch in &args.arch {
+            let t = std::time::Instant::now();
+            let n = flashattn::cuda::warm_cache(arch).map_err(|e| e.to_string())?;
+            println!("{arch}: compiled {n} kernel variants into the cache in {:.1} s", t.elapsed().as_secs_f64());
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<6} {:<24} {:>5} {:>6} {:>7} {:>7}",
+        "variant", "arch", "kernel", "regs", "stack", "spill-st", "spill-ld"
+    );
+    let mut bad = Vec::new();
+    for arch in &args.arch {
+        flashattn::cuda::check_kernels(arch, |variant, resources| {
+            for r in resources {
+                println!(
+                    "{:<28} {:<6} {:<24} {:>5} {:>6} {:>7} {:>7}",
+                    variant.name(),
+                    arch,
+                    r.function,
+                    r.registers,
+                    r.stack_bytes,
+                    r.spill_stores,
+                    r.spill_loads
+                );
+                let hot = r.function == "flash_fwd" || r.function == "flash_bwd";
+                if hot && (r.stack_bytes > 0 || r.spill_stores > 0 || r.spill_loads > 0) {
+                    bad.push(format!("{} {arch} {}", variant.name(), r.function));
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    if bad.is_empty() {
+        println!("all kernels compiled; no spills or stack frames in the attention kernels");
+        Ok(())
+    } else {
+        Err(format!("register spills or stack frames in: {}", bad.join(", ")))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernels(_: &KernelsArgs) -> Result<(), String> {
+    Err("this build has no CUDA support (the `cuda` feature is off)".into())
+}
+
 fn info() {
     let supported: Vec<String> = flashattn::Isa::supported().iter().map(|i| i.to_string()).collect();
     println!("cpu: {} threads; instruction sets: {}", rayon::current_num_threads(), supported.join(", "));
     match flashattn::Isa::detect() {
         Ok(isa) => println!("cpu flash kernels: {isa}"),
         Err(e) => println!("cpu flash kernels: {e}"),
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use flashattn::cuda;
+        match cuda::device_count() {
+            Ok(n) => {
+                println!("cuda devices: {n}");
+                for i in 0..n {
+                    match cuda::Gpu::open(i) {
+                        Ok(g) => println!(
+                            "  cuda:{i}: {} (compute capability {}.{})",
+                            g.name(),
+                            g.compute_capability().0,
+                            g.compute_capability().1
+                        ),
+                        Err(e) => println!("  cuda:{i}: {e}"),
+                    }
+                }
+            }
+            Err(e) => println!("cuda: {e}"),
+        }
+        match cuda::compile::nvrtc_version() {
+            Ok((a, b)) => println!("nvrtc: {a}.{b}"),
+            Err(e) => println!("nvrtc: {e}"),
+        }
+        if let Some(dir) = cuda::compile::cache_dir() {
+            println!("kernel cache: {}", dir.display());
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! written as f32 .npy. How tensors move in and out, and how results are checked against other libraries.
 
 use crate::bench::Impl;
+use crate::device::Device;
 use crate::npy::{self, Array};
 use clap::Args;
 use flashattn::{AttnOptions, Backend, DType, Element, Isa, TensorRef};
@@ -37,7 +38,8 @@ pub struct RunArgs {
     /// Where to write dv (with --dout).
     #[arg(long)]
     pub dv: Option<PathBuf>,
-    /// Compute in this type (inputs are rounded to it) [default: q's file type, f32 or f16].
+    /// Compute in this type (inputs are rounded to it) [default: q's file type, f32 or f16; bf16 for f32 files
+    /// on a GPU].
     #[arg(long)]
     pub dtype: Option<DType>,
     /// Causal mask (bottom-right aligned when seqlen_q != seqlen_k).
@@ -64,8 +66,9 @@ pub struct RunArgs {
     /// Implementation.
     #[arg(long = "impl", value_enum, default_value = "flash")]
     pub implementation: Impl,
-    /// Where to run: cpu.
-    #[arg(long, default_value = "cpu")]
+    /// Where flash attention runs: auto (a CUDA GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
+    /// GPUs compute in f16 or bf16.
+    #[arg(long, default_value = "auto")]
     pub device: String,
     /// CPU instruction set for flash attention [default: the fastest this CPU has].
     #[arg(long)]
@@ -88,9 +91,7 @@ fn parse_window(s: &str) -> Result<(Option<usize>, Option<usize>), String> {
 }
 
 pub fn run(args: &RunArgs) -> Result<(), String> {
-    if args.device != "cpu" {
-        return Err(format!("--device {}: this build runs on the cpu only", args.device));
-    }
+    let device = crate::device::parse(&args.device)?;
     let wants_grads = args.dq.is_some() || args.dk.is_some() || args.dv.is_some();
     match (&args.dout, wants_grads) {
         (Some(_), false) => {
@@ -99,9 +100,10 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         (None, true) => return Err("--dq/--dk/--dv need --dout, the gradient of the output".into()),
         _ => {}
     }
-    let backend = match args.implementation {
-        Impl::Reference => Backend::Reference,
-        Impl::Flash => Backend::Cpu(match args.cpu_isa {
+    let backend = match (args.implementation, device) {
+        (Impl::Reference, _) => Backend::Reference,
+        (Impl::Flash, Device::Cuda(i)) => Backend::Cuda(i),
+        (Impl::Flash, Device::Cpu) => Backend::Cpu(match args.cpu_isa {
             Some(isa) => isa.require().map_err(|e| e.to_string())?,
             None => Isa::detect().map_err(|e| e.to_string())?,
         }),
@@ -122,7 +124,12 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     if let (Some(cq), Some(ck)) = (&args.cu_seqlens_q, &args.cu_seqlens_k) {
         opts = opts.varlen(npy::read_offsets(cq)?, npy::read_offsets(ck)?);
     }
-    let dtype = args.dtype.unwrap_or(if q.stored_as == "f16" { DType::F16 } else { DType::F32 });
+    let on_gpu = matches!(backend, Backend::Cuda(_));
+    let dtype = args.dtype.unwrap_or(match (q.stored_as, on_gpu) {
+        ("f16", _) => DType::F16,
+        (_, true) => DType::BF16,
+        _ => DType::F32,
+    });
     let inputs = Inputs { q, k, v, dout };
     match dtype {
         DType::F32 => compute::<f32>(args, &inputs, &opts, backend),

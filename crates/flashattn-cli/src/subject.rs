@@ -64,7 +64,21 @@ impl Pass {
 
 /// One implementation on one problem, ready to run either pass repeatedly.
 pub trait Subject {
+    /// Runs the pass once, to completion.
     fn run(&mut self, pass: Pass) -> Result<()>;
+    /// Runs the pass `reps` times back to back and returns the seconds per call (a GPU queues them all and
+    /// waits once, so launch gaps do not count).
+    fn run_batch(&mut self, pass: Pass, reps: usize) -> Result<f64> {
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            self.run(pass)?;
+        }
+        Ok(t.elapsed().as_secs_f64() / reps as f64)
+    }
+    /// Extra memory the last call used, when the subject knows it better than the heap counter (GPU memory).
+    fn workspace_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A CPU backend (flash or reference) with host buffers.
@@ -144,5 +158,112 @@ pub fn host(backend: Backend, dtype: DType, shape: Shape, needs_forward_output: 
         DType::F32 => make::<f32>(backend, shape, needs_forward_output),
         DType::F16 => make::<f16>(backend, shape, needs_forward_output),
         DType::BF16 => make::<bf16>(backend, shape, needs_forward_output),
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use gpu::device;
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{Pass, Shape, Subject};
+    use crate::random::fill_normal;
+    use flashattn::cuda::{CudaSlice, DeviceTensor, Gpu};
+    use flashattn::{DType, Result, TensorRef};
+    use half::{bf16, f16};
+    use std::sync::Arc;
+
+    /// Flash attention on a GPU, with every tensor resident there.
+    struct Device {
+        gpu: Arc<Gpu>,
+        shape: Shape,
+        q: DeviceTensor,
+        k: DeviceTensor,
+        v: DeviceTensor,
+        dout: DeviceTensor,
+        out: DeviceTensor,
+        lse: CudaSlice<f32>,
+        dq: DeviceTensor,
+        dk: DeviceTensor,
+        dv: DeviceTensor,
+    }
+
+    fn random(gpu: &Gpu, dtype: DType, shape: &[usize], seed: u64) -> Result<DeviceTensor> {
+        let n = shape.iter().product();
+        match dtype {
+            DType::BF16 => {
+                let mut v = vec![bf16::ZERO; n];
+                fill_normal(&mut v, seed);
+                gpu.upload(&TensorRef::new(&v, shape))
+            }
+            _ => {
+                let mut v = vec![f16::ZERO; n];
+                fill_normal(&mut v, seed);
+                gpu.upload(&TensorRef::new(&v, shape))
+            }
+        }
+    }
+
+    impl Device {
+        fn forward(&mut self) -> Result<()> {
+            self.gpu.forward(&self.q, &self.k, &self.v, &self.shape.options(), &mut self.out, &mut self.lse)
+        }
+        fn launch(&mut self, pass: Pass) -> Result<()> {
+            match pass {
+                Pass::Forward => self.forward(),
+                Pass::Backward => self.gpu.backward(
+                    (&self.q, &self.k, &self.v),
+                    &self.out,
+                    &self.lse,
+                    &self.dout,
+                    &self.shape.options(),
+                    (&mut self.dq, &mut self.dk, &mut self.dv),
+                ),
+            }
+        }
+    }
+
+    impl Subject for Device {
+        fn run(&mut self, pass: Pass) -> Result<()> {
+            self.launch(pass)?;
+            self.gpu.synchronize()
+        }
+        fn run_batch(&mut self, pass: Pass, reps: usize) -> Result<f64> {
+            self.gpu.synchronize()?;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                self.launch(pass)?;
+            }
+            self.gpu.synchronize()?;
+            Ok(t.elapsed().as_secs_f64() / reps as f64)
+        }
+        fn workspace_bytes(&self) -> Option<usize> {
+            Some(self.gpu.last_workspace_bytes())
+        }
+    }
+
+    /// A GPU subject: random inputs uploaded once, kernels compiled before timing, and (for the backward) a
+    /// real forward output and log-sum-exp.
+    pub fn device(ordinal: usize, dtype: DType, shape: Shape, needs_forward_output: bool) -> Result<Box<dyn Subject>> {
+        let gpu = Gpu::open(ordinal)?;
+        let (qs, kvs) = (shape.q_shape(), shape.kv_shape());
+        gpu.prepare(dtype, shape.head_dim, &shape.options(), needs_forward_output)?;
+        let mut d = Device {
+            q: random(&gpu, dtype, &qs, 7)?,
+            k: random(&gpu, dtype, &kvs, 8)?,
+            v: random(&gpu, dtype, &kvs, 9)?,
+            dout: random(&gpu, dtype, &qs, 10)?,
+            out: gpu.zeros(dtype, &qs)?,
+            lse: gpu.zeros_f32(shape.batch * shape.heads_q * shape.seqlen)?,
+            dq: gpu.zeros(dtype, &qs)?,
+            dk: gpu.zeros(dtype, &kvs)?,
+            dv: gpu.zeros(dtype, &kvs)?,
+            gpu,
+            shape,
+        };
+        if needs_forward_output {
+            d.run(Pass::Forward)?;
+        }
+        Ok(Box::new(d))
     }
 }

@@ -15,6 +15,8 @@
 //! ```
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 mod mask;
@@ -26,7 +28,7 @@ pub use cpu::Isa;
 pub use dtype::{DType, Element};
 pub use error::{AttnError, Result};
 pub use problem::{AttnOptions, Plan, VarLen, Window};
-pub use tensor::TensorRef;
+pub use tensor::{TensorLayout, TensorRef};
 
 use std::fmt;
 
@@ -37,12 +39,23 @@ pub enum Backend {
     Reference,
     /// Flash attention on the CPU with the given instruction set.
     Cpu(Isa),
+    /// Flash attention on the CUDA GPU with this ordinal (f16 and bf16; host tensors are copied in and out).
+    Cuda(usize),
 }
 
 impl Backend {
     /// Flash attention on the CPU with the fastest instruction set (or the one `FLASHATTN_CPU_ISA` names).
     pub fn cpu() -> Result<Backend> {
         Ok(Backend::Cpu(Isa::detect()?))
+    }
+
+    /// The first CUDA GPU when one can be used, else the CPU.
+    pub fn auto() -> Result<Backend> {
+        #[cfg(feature = "cuda")]
+        if cuda::is_available() {
+            return Ok(Backend::Cuda(0));
+        }
+        Backend::cpu()
     }
 }
 
@@ -51,6 +64,7 @@ impl fmt::Display for Backend {
         match self {
             Backend::Reference => f.write_str("reference"),
             Backend::Cpu(isa) => write!(f, "cpu-flash ({isa})"),
+            Backend::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
         }
     }
 }
@@ -95,7 +109,7 @@ pub fn forward<T: Element>(
     let plan = Plan::new(q, k, v, opts, T::DTYPE)?;
     let mut out = vec![T::default(); plan.q_numel()];
     let mut lse = vec![0.0; plan.lse_len()];
-    run_forward(&plan, q, k, v, backend, &mut out, &mut lse)?;
+    run_forward(&plan, opts, (q, k, v), backend, &mut out, &mut lse)?;
     Ok(Forward { out, out_shape: plan.q_shape().to_vec(), lse, lse_shape: plan.lse_shape() })
 }
 
@@ -111,14 +125,13 @@ pub fn forward_into<T: Element>(
     lse: &mut [f32],
 ) -> Result<()> {
     let plan = Plan::new(q, k, v, opts, T::DTYPE)?;
-    run_forward(&plan, q, k, v, backend, out, lse)
+    run_forward(&plan, opts, (q, k, v), backend, out, lse)
 }
 
 fn run_forward<T: Element>(
     plan: &Plan,
-    q: &TensorRef<T>,
-    k: &TensorRef<T>,
-    v: &TensorRef<T>,
+    opts: &AttnOptions,
+    (q, k, v): Inputs<T>,
     backend: Backend,
     out: &mut [T],
     lse: &mut [f32],
@@ -138,6 +151,7 @@ fn run_forward<T: Element>(
             Ok(())
         }
         Backend::Cpu(isa) => cpu::forward(plan, isa, q, k, v, out, lse),
+        Backend::Cuda(ordinal) => cuda_forward(ordinal, plan, opts, (q, k, v), out, lse),
     }
 }
 
@@ -158,7 +172,7 @@ pub fn backward<T: Element>(
     let mut dq = vec![T::default(); plan.q_numel()];
     let mut dk = vec![T::default(); plan.kv_numel()];
     let mut dv = vec![T::default(); plan.kv_numel()];
-    run_backward(&plan, (q, k, v), o, lse, dout, backend, (&mut dq, &mut dk, &mut dv))?;
+    run_backward(&plan, opts, (q, k, v), o, lse, dout, backend, (&mut dq, &mut dk, &mut dv))?;
     Ok(Gradients { dq, dk, dv, dq_shape: plan.q_shape().to_vec(), dkv_shape: plan.kv_shape().to_vec() })
 }
 
@@ -176,14 +190,16 @@ pub fn backward_into<T: Element>(
     (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
 ) -> Result<()> {
     let plan = Plan::new(q, k, v, opts, T::DTYPE)?;
-    run_backward(&plan, (q, k, v), o, lse, dout, backend, (dq, dk, dv))
+    run_backward(&plan, opts, (q, k, v), o, lse, dout, backend, (dq, dk, dv))
 }
 
 type Inputs<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
 type GradsMut<'a, T> = (&'a mut [T], &'a mut [T], &'a mut [T]);
 
+#[allow(clippy::too_many_arguments)]
 fn run_backward<T: Element>(
     plan: &Plan,
+    opts: &AttnOptions,
     qkv: Inputs<T>,
     o: &TensorRef<T>,
     lse: &[f32],
@@ -193,7 +209,7 @@ fn run_backward<T: Element>(
 ) -> Result<()> {
     match backend {
         Backend::Reference => {
-            plan.check_backward_inputs(o, lse, dout)?;
+            plan.check_backward_inputs(o, lse.len(), dout)?;
             let (dq, dk, dv) = grads;
             plan.check_output("dq", dq.len(), plan.q_numel())?;
             plan.check_output("dk", dk.len(), plan.kv_numel())?;
@@ -204,5 +220,60 @@ fn run_backward<T: Element>(
             Ok(())
         }
         Backend::Cpu(isa) => cpu::backward(plan, isa, qkv, o, lse, dout, grads),
+        Backend::Cuda(ordinal) => cuda_backward(ordinal, plan, opts, qkv, o, lse, dout, grads),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_forward<T: Element>(
+    ordinal: usize,
+    plan: &Plan,
+    opts: &AttnOptions,
+    qkv: Inputs<T>,
+    out: &mut [T],
+    lse: &mut [f32],
+) -> Result<()> {
+    cuda::forward_host(ordinal, plan, qkv, opts, out, lse)
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn cuda_backward<T: Element>(
+    ordinal: usize,
+    plan: &Plan,
+    opts: &AttnOptions,
+    qkv: Inputs<T>,
+    o: &TensorRef<T>,
+    lse: &[f32],
+    dout: &TensorRef<T>,
+    grads: GradsMut<T>,
+) -> Result<()> {
+    cuda::backward_host(ordinal, plan, qkv, o, lse, dout, opts, grads)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_forward<T: Element>(
+    _: usize,
+    _: &Plan,
+    _: &AttnOptions,
+    _: Inputs<T>,
+    _: &mut [T],
+    _: &mut [f32],
+) -> Result<()> {
+    Err(AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() })
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_backward<T: Element>(
+    _: usize,
+    _: &Plan,
+    _: &AttnOptions,
+    _: Inputs<T>,
+    _: &TensorRef<T>,
+    _: &[f32],
+    _: &TensorRef<T>,
+    _: GradsMut<T>,
+) -> Result<()> {
+    Err(AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() })
 }

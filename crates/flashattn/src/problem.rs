@@ -8,7 +8,7 @@
 
 use crate::dtype::DType;
 use crate::error::{AttnError, Result};
-use crate::tensor::{contiguous_strides, TensorRef};
+use crate::tensor::{contiguous_strides, TensorLayout};
 
 /// A sliding window, in tokens, around each query's diagonal: query i (aligned to the bottom-right corner) sees
 /// keys j with `i + shift - left <= j <= i + shift + right`, where `shift = seqlen_k - seqlen_q`.
@@ -151,10 +151,10 @@ pub struct Plan {
 
 impl Plan {
     /// Validates q, k and v (and the options) and returns the plan for them.
-    pub fn new<T>(
-        q: &TensorRef<T>,
-        k: &TensorRef<T>,
-        v: &TensorRef<T>,
+    pub fn new(
+        q: &impl TensorLayout,
+        k: &impl TensorLayout,
+        v: &impl TensorLayout,
         opts: &AttnOptions,
         dtype: DType,
     ) -> Result<Plan> {
@@ -165,27 +165,27 @@ impl Plan {
         } else {
             "(batch, seqlen, heads, head_dim)"
         };
-        for (name, t) in [("q", q), ("k", k), ("v", v)] {
-            if t.rank() != rank {
-                return Err(AttnError::shape(name, format!("{rank} dimensions {layout}"), &t.shape));
+        for (name, t) in [("q", q as &dyn TensorLayout), ("k", k), ("v", v)] {
+            if t.shape().len() != rank {
+                return Err(AttnError::shape(name, format!("{rank} dimensions {layout}"), t.shape()));
             }
-            if t.strides.len() != rank {
-                return Err(stride_error(name, t, format!("expected {rank} strides, got {}", t.strides.len())));
+            if t.strides().len() != rank {
+                return Err(stride_error(name, t, format!("expected {rank} strides, got {}", t.strides().len())));
             }
         }
-        let d = q.shape[rank - 1];
-        let (heads_q, heads_kv) = (q.shape[rank - 2], k.shape[rank - 2]);
+        let d = q.shape()[rank - 1];
+        let (heads_q, heads_kv) = (q.shape()[rank - 2], k.shape()[rank - 2]);
         if d == 0 {
             return Err(AttnError::HeadDim { got: 0, expected: "a head dimension of at least 1".into() });
         }
-        same("head_dim", ("q", d), ("k", k.shape[rank - 1]))?;
-        same("head_dim", ("q", d), ("v", v.shape[rank - 1]))?;
-        same("heads_kv", ("k", heads_kv), ("v", v.shape[rank - 2]))?;
-        same("seqlen (dimension 0 in varlen, 1 otherwise)", ("k", k.shape[rank - 3]), ("v", v.shape[rank - 3]))?;
+        same("head_dim", ("q", d), ("k", k.shape()[rank - 1]))?;
+        same("head_dim", ("q", d), ("v", v.shape()[rank - 1]))?;
+        same("heads_kv", ("k", heads_kv), ("v", v.shape()[rank - 2]))?;
+        same("seqlen (dimension 0 in varlen, 1 otherwise)", ("k", k.shape()[rank - 3]), ("v", v.shape()[rank - 3]))?;
         if heads_q == 0 || heads_kv == 0 || heads_q % heads_kv != 0 {
             return Err(AttnError::Gqa { heads_q, heads_kv });
         }
-        for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        for (name, t) in [("q", q as &dyn TensorLayout), ("k", k), ("v", v)] {
             check_strides(name, t)?;
         }
 
@@ -193,8 +193,8 @@ impl Plan {
         // first token for variable-length ones.
         let (batch, len_q, len_k, units_q, units_k, lse, lse_len);
         if let Some(vl) = &opts.varlen {
-            let starts_q = cu_seqlens("cu_seqlens_q", &vl.cu_seqlens_q, q.shape[0])?;
-            let starts_k = cu_seqlens("cu_seqlens_k", &vl.cu_seqlens_k, k.shape[0])?;
+            let starts_q = cu_seqlens("cu_seqlens_q", &vl.cu_seqlens_q, q.shape()[0])?;
+            let starts_k = cu_seqlens("cu_seqlens_k", &vl.cu_seqlens_k, k.shape()[0])?;
             same(
                 "batch (cu_seqlens length - 1)",
                 ("cu_seqlens_q", starts_q.len() - 1),
@@ -205,17 +205,17 @@ impl Plan {
             len_k = starts_k.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>();
             units_q = starts_q[..batch].to_vec();
             units_k = starts_k[..batch].to_vec();
-            let total_q = q.shape[0];
+            let total_q = q.shape()[0];
             lse = Access { seq_base: units_q.clone(), token: 1, head: total_q };
             lse_len = heads_q * total_q;
         } else {
-            batch = q.shape[0];
-            same("batch", ("q", batch), ("k", k.shape[0]))?;
-            same("batch", ("q", batch), ("v", v.shape[0]))?;
+            batch = q.shape()[0];
+            same("batch", ("q", batch), ("k", k.shape()[0]))?;
+            same("batch", ("q", batch), ("v", v.shape()[0]))?;
             if batch == 0 {
-                return Err(AttnError::shape("q", "a batch of at least one sequence", &q.shape));
+                return Err(AttnError::shape("q", "a batch of at least one sequence", q.shape()));
             }
-            let (sq, sk) = (q.shape[1], k.shape[1]);
+            let (sq, sk) = (q.shape()[1], k.shape()[1]);
             len_q = vec![sq; batch];
             len_k = vec![sk; batch];
             units_q = (0..batch).collect();
@@ -224,8 +224,8 @@ impl Plan {
             lse_len = batch * heads_q * sq;
         }
         let mask = mask_spec(opts, batch, heads_q, d)?;
-        let q_shape = q.shape.clone();
-        let kv_shape = k.shape.clone();
+        let q_shape = q.shape().to_vec();
+        let kv_shape = k.shape().to_vec();
         Ok(Plan {
             dtype,
             batch,
@@ -235,11 +235,11 @@ impl Plan {
             len_q,
             len_k,
             varlen,
-            q: Access::new(&units_q, &q.strides),
-            k: Access::new(&units_k, &k.strides),
-            v: Access::new(&units_k, &v.strides),
-            o: Access::new(&units_q, &contiguous_strides(&q.shape)),
-            dkv: Access::new(&units_k, &contiguous_strides(&k.shape)),
+            q: Access::new(&units_q, q.strides()),
+            k: Access::new(&units_k, k.strides()),
+            v: Access::new(&units_k, v.strides()),
+            o: Access::new(&units_q, &contiguous_strides(q.shape())),
+            dkv: Access::new(&units_k, &contiguous_strides(k.shape())),
             lse,
             mask,
             deterministic: opts.deterministic,
@@ -310,26 +310,31 @@ impl Plan {
     }
 
     /// Validates the extra inputs of the backward pass against this plan: o and dout like q, the log-sum-exp.
-    pub(crate) fn check_backward_inputs<T>(&self, o: &TensorRef<T>, lse: &[f32], dout: &TensorRef<T>) -> Result<()> {
-        for (name, t) in [("o", o), ("dout", dout)] {
-            if t.shape != self.q_shape {
-                return Err(AttnError::shape(name, format!("q's shape {:?}", self.q_shape), &t.shape));
+    pub(crate) fn check_backward_inputs(
+        &self,
+        o: &impl TensorLayout,
+        lse_len: usize,
+        dout: &impl TensorLayout,
+    ) -> Result<()> {
+        for (name, t) in [("o", o as &dyn TensorLayout), ("dout", dout)] {
+            if t.shape() != self.q_shape {
+                return Err(AttnError::shape(name, format!("q's shape {:?}", self.q_shape), t.shape()));
             }
-            if t.strides.len() != t.shape.len() {
+            if t.strides().len() != t.shape().len() {
                 return Err(stride_error(
                     name,
                     t,
-                    format!("expected {} strides, got {}", t.shape.len(), t.strides.len()),
+                    format!("expected {} strides, got {}", t.shape().len(), t.strides().len()),
                 ));
             }
             check_strides(name, t)?;
         }
-        self.check_output("lse", lse.len(), self.lse_len)
+        self.check_output("lse", lse_len, self.lse_len)
     }
 
     /// The access of o or dout as laid out in the caller's tensor.
-    pub(crate) fn access_like_q<T>(&self, t: &TensorRef<T>) -> Access {
-        Access::new(&self.units_q, &t.strides)
+    pub(crate) fn access_like_q(&self, t: &impl TensorLayout) -> Access {
+        Access::new(&self.units_q, t.strides())
     }
 
     pub(crate) fn check_output(&self, name: &'static str, got: usize, expected: usize) -> Result<()> {
@@ -351,32 +356,38 @@ fn same(what: &'static str, a: (&'static str, usize), b: (&'static str, usize)) 
     Ok(())
 }
 
-fn stride_error<T>(name: &'static str, t: &TensorRef<T>, problem: String) -> AttnError {
-    AttnError::Stride { tensor: name, problem, shape: t.shape.clone(), strides: t.strides.clone(), len: t.data.len() }
+fn stride_error(name: &'static str, t: &(impl TensorLayout + ?Sized), problem: String) -> AttnError {
+    AttnError::Stride {
+        tensor: name,
+        problem,
+        shape: t.shape().to_vec(),
+        strides: t.strides().to_vec(),
+        len: t.buffer_len(),
+    }
 }
 
 /// The last dimension is contiguous and every element lies inside the buffer.
-fn check_strides<T>(name: &'static str, t: &TensorRef<T>) -> Result<()> {
-    if *t.strides.last().unwrap_or(&1) != 1 {
+fn check_strides(name: &'static str, t: &(impl TensorLayout + ?Sized)) -> Result<()> {
+    if *t.strides().last().unwrap_or(&1) != 1 {
         return Err(stride_error(name, t, "the last (head_dim) dimension must be contiguous (stride 1)".into()));
     }
-    if t.shape.contains(&0) {
+    if t.shape().contains(&0) {
         return Ok(());
     }
     let mut last = 0usize;
-    for (&n, &s) in t.shape.iter().zip(&t.strides) {
+    for (&n, &s) in t.shape().iter().zip(t.strides()) {
         last = (n - 1)
             .checked_mul(s)
             .and_then(|x| x.checked_add(last))
             .ok_or_else(|| stride_error(name, t, "offsets overflow".into()))?;
     }
-    if last >= t.data.len() {
+    if last >= t.buffer_len() {
         return Err(stride_error(name, t, format!("the last element is at offset {last}, past the end of the buffer")));
     }
     // Distinct (token, head) rows must not overlap, or results would be ambiguous: heads need at least head_dim.
-    let r = t.rank();
-    if t.shape[r - 2] > 1 && t.strides[r - 2] < t.shape[r - 1] {
-        return Err(stride_error(name, t, format!("the head stride must be at least head_dim = {}", t.shape[r - 1])));
+    let r = t.shape().len();
+    if t.shape()[r - 2] > 1 && t.strides()[r - 2] < t.shape()[r - 1] {
+        return Err(stride_error(name, t, format!("the head stride must be at least head_dim = {}", t.shape()[r - 1])));
     }
     Ok(())
 }

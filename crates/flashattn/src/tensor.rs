@@ -29,6 +29,27 @@ impl<'a, T> TensorRef<'a, T> {
     }
 }
 
+/// The layout of a tensor wherever its elements live (host or device): what validation needs.
+pub trait TensorLayout {
+    fn shape(&self) -> &[usize];
+    /// Strides in elements, one per dimension.
+    fn strides(&self) -> &[usize];
+    /// Elements in the underlying buffer.
+    fn buffer_len(&self) -> usize;
+}
+
+impl<T> TensorLayout for TensorRef<'_, T> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    fn buffer_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
 /// Row-major strides of a shape.
 pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut strides = vec![1; shape.len()];

@@ -228,7 +228,7 @@ pub(crate) fn backward<T: Element>(
     (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
 ) -> Result<()> {
     isa.require()?;
-    plan.check_backward_inputs(o, lse, dout)?;
+    plan.check_backward_inputs(o, lse.len(), dout)?;
     plan.check_output("dq", dq.len(), plan.q_numel())?;
     plan.check_output("dk", dk.len(), plan.kv_numel())?;
     plan.check_output("dv", dv.len(), plan.kv_numel())?;

@@ -1,0 +1,35 @@
+//! Compiles one GPU kernel variant with NVRTC and prints ptxas' report (no GPU needed): a tool for kernel work.
+//!
+//! `cargo run --release --example kernel_report -- fwd|bwd HDIM MASKED(0|1) MOD(0|1) ARCH [-DEXTRA=...]`;
+//! `CUBIN_OUT=file.cubin` also writes the cubin (for cuobjdump / nvdisasm).
+fn main() {
+    #[cfg(feature = "cuda")]
+    report();
+}
+
+#[cfg(feature = "cuda")]
+fn report() {
+    use flashattn::cuda::kernels::{Pass, Variant};
+    let args: Vec<String> = std::env::args().collect();
+    let pass = if args[1] == "fwd" { Pass::Forward } else { Pass::Backward };
+    let hdim: usize = args[2].parse().unwrap();
+    let v = Variant { pass, dtype: flashattn::DType::BF16, hdim, masked: args[3] == "1", has_mod: args[4] == "1" };
+    let t = std::time::Instant::now();
+    let mut defs = v.defines();
+    if let Ok(bn) = std::env::var("FWD_BN") {
+        defs.retain(|d| !d.starts_with("-DBLOCK_N="));
+        defs.push(format!("-DBLOCK_N={bn}"));
+    }
+    defs.extend(args[6..].iter().cloned());
+    match flashattn::cuda::compile::compile(&v.name(), &v.source(), &args[5], &defs, true) {
+        Ok(c) => {
+            if let Ok(path) = std::env::var("CUBIN_OUT") {
+                std::fs::write(path, &c.cubin).unwrap();
+            }
+            println!("{}", c.log);
+            println!("{:?}", flashattn::cuda::compile::parse_resources(&c.log));
+        }
+        Err(e) => println!("{e}"),
+    }
+    println!("{:.1}s", t.elapsed().as_secs_f64());
+}

@@ -1,0 +1,299 @@
+// Flash backward for sm_80+, by recomputation from the saved log-sum-exp.
+//
+// flash_bwd_preprocess: D = rowsum(dO * O) per (batch, head, query).
+// flash_bwd: one CTA per BLOCK_N keys of one (batch, key/value head). It keeps K and V in shared memory and
+//   dK, dV in registers, and loops over the query heads of the group and the query blocks that see its keys:
+//   S^T = K Q^T, dP^T = V dO^T (each warp 16 keys), P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) * dscore,
+//   dV += P^T dO, dK += dS^T Q, then dS through shared memory for dQ = dS K, added to an f32 accumulator (atomics;
+//   or, deterministic, plain adds ordered by a semaphore per query block).
+// flash_bwd_dq_convert: dQ accumulator -> output dtype.
+//
+// Defines: BLOCK_M (queries per step), NWARPS, WARPS_D (warps sharing a key group, splitting dK/dV columns),
+// IS_MASKED, HAS_MOD.
+
+#define NTHREADS (NWARPS * 32)
+#define KGROUPS (NWARPS / WARPS_D)
+#define BLOCK_N (16 * KGROUPS)
+#define HD_W (HDIM / WARPS_D)        // dK / dV columns per warp
+#define DTW (HD_W / 8)
+#define QT (BLOCK_M / 8)             // n8 tiles of S^T (queries)
+#define KT (HDIM / 16)
+#define QGROUPS (BLOCK_M / 16)
+#define DQ_PARTS (NWARPS / QGROUPS)  // warps sharing a query group of dQ, splitting its columns
+#define DQW (HDIM / DQ_PARTS)
+#define DQT (DQW / 8)
+
+// Token index of (sequence start, row) in dense or variable-length layout.
+DEVICE long long q_token(const AttnParams &p, int b, const Seq &s, int i) {
+    return p.cu_seqlens_q ? (long long)s.start_q + i : (long long)b * p.seqlen_q + i;
+}
+
+extern "C" __global__ void flash_bwd_preprocess(const AttnParams p) {
+    const int b = blockIdx.z, h = blockIdx.y;
+    const Seq seq = sequence(p, b);
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= seq.len_q) return;
+    const long long qb = p.cu_seqlens_q ? 0 : b;
+    const u16 *o = p.o + qb * p.o_batch + (long long)(seq.start_q + i) * p.o_row + h * p.o_head;
+    const u16 *dout = p.dout + qb * p.do_batch + (long long)(seq.start_q + i) * p.do_row + h * p.do_head;
+    float acc = 0.f;
+    for (int c = 0; c < p.head_dim; c += 8) {
+        uint4 a = *(const uint4 *)(o + c), d = *(const uint4 *)(dout + c);
+        const u16 *x = (const u16 *)&a, *y = (const u16 *)&d;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc += to_float(x[e]) * to_float(y[e]);
+    }
+    p.delta[qb * p.lse_batch + h * p.lse_head + seq.start_q + i] = acc;
+}
+
+extern "C" __global__ void flash_bwd_dq_convert(const AttnParams p, long long rows) {
+    // One thread per 8 columns of one (token, head) row.
+    const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int per_row = HDIM / 8;
+    const long long row = chunk / per_row;
+    const int c = (int)(chunk % per_row) * 8;
+    if (row >= rows || c >= p.head_dim) return;
+    const long long token = row / p.heads_q;
+    const int h = (int)(row % p.heads_q);
+    const float *src = p.dq_accum + row * HDIM + c;
+    uint4 v;
+    u32 *w = (u32 *)&v;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) w[e] = pack2(src[2 * e], src[2 * e + 1]);
+    *(uint4 *)(p.dq + token * p.o_row + h * p.o_head + c) = v;
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnParams p) {
+    extern __shared__ __align__(128) u16 smem[];
+    u16 *sK = smem;
+    u16 *sV = sK + Tile<BLOCK_N>::ELEMS;
+    u16 *sQ = sV + Tile<BLOCK_N>::ELEMS;
+    u16 *sdO = sQ + Tile<BLOCK_M>::ELEMS;
+    u16 *sdS = sdO + Tile<BLOCK_M>::ELEMS;
+    float *sLse = (float *)(sdS + Tile<BLOCK_N, BLOCK_M>::ELEMS);  // lse * log2(e); +inf: no probability
+    float *sDelta = sLse + BLOCK_M;
+
+    const int b = blockIdx.z, hk = blockIdx.y, n_block = blockIdx.x;
+    const Seq seq = sequence(p, b);
+    const int n0 = n_block * BLOCK_N;
+    if (n0 >= seq.len_k) return;
+    const int group = p.heads_q / p.heads_kv;
+    const Mask mask = make_mask(p, seq);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int kg = warp / WARPS_D, dpart = warp % WARPS_D;  // key group, dK/dV column part
+    const int qg = warp / DQ_PARTS, dqp = warp % DQ_PARTS;  // dQ query group, column part
+
+    const long long kb = p.cu_seqlens_k ? 0 : b, qbt = p.cu_seqlens_q ? 0 : b;
+    const u16 *k = p.k + kb * p.k_batch + (long long)(seq.start_k + n0) * p.k_row + hk * p.k_head;
+    const u16 *v = p.v + kb * p.v_batch + (long long)(seq.start_k + n0) * p.v_row + hk * p.v_head;
+    load_tile<BLOCK_N, NTHREADS>(sK, k, p.k_row, seq.len_k - n0, p.head_dim);
+    load_tile<BLOCK_N, NTHREADS>(sV, v, p.v_row, seq.len_k - n0, p.head_dim);
+
+    // Query blocks that see these keys.
+    int m_lo = 0, m_hi = (seq.len_q + BLOCK_M - 1) / BLOCK_M;
+#if IS_MASKED
+    m_lo = mask.rows_lo(n0) / BLOCK_M;
+    m_hi = min(m_hi, (mask.rows_hi(n0 + BLOCK_N, seq.len_q) + BLOCK_M - 1) / BLOCK_M);
+#endif
+    const int steps = m_hi > m_lo ? (m_hi - m_lo) * group : 0;
+
+    float acc_dk[DTW][4], acc_dv[DTW][4];
+#pragma unroll
+    for (int t = 0; t < DTW; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dk[t][e] = acc_dv[t][e] = 0.f;
+
+    // Each lane's ldmatrix addresses: a per-lane base plus compile-time offsets. A operands (K, V rows of the key
+    // group), B operands (Q, dO rows), transposed B operands (dO, Q, K columns), and dS^T read transposed as A.
+    const int m8 = lane / 8;
+    const u32 a_off = Tile<BLOCK_N>::bytes(kg * 16 + (lane % 16), (lane / 16) * 8);
+    const u32 k_a = smem_addr(sK) + a_off, v_a = smem_addr(sV) + a_off;
+    const u32 b_off = Tile<BLOCK_M>::bytes((m8 / 2) * 8 + (lane % 8), (m8 % 2) * 8);
+    const u32 q_b = smem_addr(sQ) + b_off, do_b = smem_addr(sdO) + b_off;
+    const u32 bt_off = Tile<BLOCK_M>::bytes((m8 % 2) * 8 + (lane % 8), dpart * HD_W + (m8 / 2) * 8);
+    const u32 q_bt = smem_addr(sQ) + bt_off, do_bt = smem_addr(sdO) + bt_off;
+    const u32 k_bt = smem_addr(sK) + Tile<BLOCK_N>::bytes((m8 % 2) * 8 + (lane % 8), dqp * DQW + (m8 / 2) * 8);
+    const u32 ds_at = smem_addr(sdS) + Tile<BLOCK_N, BLOCK_M>::bytes((m8 / 2) * 8 + (lane % 8), qg * 16 + (m8 % 2) * 8);
+
+    // Loads the query-side tiles of step `st` (head, query block) into shared memory.
+    auto load_step = [&](int st) {
+        const int h = hk * group + st / (m_hi - m_lo);
+        const int m0 = (m_lo + st % (m_hi - m_lo)) * BLOCK_M;
+        const u16 *q = p.q + qbt * p.q_batch + (long long)(seq.start_q + m0) * p.q_row + h * p.q_head;
+        const u16 *dout = p.dout + qbt * p.do_batch + (long long)(seq.start_q + m0) * p.do_row + h * p.do_head;
+        load_tile<BLOCK_M, NTHREADS>(sQ, q, p.q_row, seq.len_q - m0, p.head_dim);
+        load_tile<BLOCK_M, NTHREADS>(sdO, dout, p.do_row, seq.len_q - m0, p.head_dim);
+        for (int t = threadIdx.x; t < BLOCK_M; t += NTHREADS) {
+            const int i = m0 + t;
+            const long long at = qbt * p.lse_batch + h * p.lse_head + seq.start_q + i;
+            float l = i < seq.len_q ? p.lse[at] : POS_INF;
+            sLse[t] = l == NEG_INF ? POS_INF : l * LOG2E;  // a row that saw no key passes no gradient
+            sDelta[t] = i < seq.len_q ? p.delta[at] : 0.f;
+        }
+    };
+    if (steps > 0) load_step(0);
+    cp_async_commit();
+
+    for (int st = 0; st < steps; ++st) {
+        const int h = hk * group + st / (m_hi - m_lo);
+        const int m_block = m_lo + st % (m_hi - m_lo);
+        const int m0 = m_block * BLOCK_M;
+        const float slope = (HAS_MOD && p.alibi) ? p.alibi[b * p.alibi_batch_stride + h] : 0.f;
+        cp_async_wait_all();
+        __syncthreads();
+
+        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
+        float acc_s[QT][4], acc_dp[QT][4];
+#pragma unroll
+        for (int t = 0; t < QT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[t][e] = acc_dp[t][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk) {
+            u32 ak[4], av[4];
+            ldsm_x4(ak, k_a + Tile<BLOCK_N>::bytes(0, kk * 16));
+            ldsm_x4(av, v_a + Tile<BLOCK_N>::bytes(0, kk * 16));
+#pragma unroll
+            for (int qp = 0; qp < QT / 2; ++qp) {
+                u32 bq[4], bd[4];
+                ldsm_x4(bq, q_b + Tile<BLOCK_M>::bytes(qp * 16, kk * 16));
+                ldsm_x4(bd, do_b + Tile<BLOCK_M>::bytes(qp * 16, kk * 16));
+                mma16816(acc_s[2 * qp], ak, bq);
+                mma16816(acc_s[2 * qp + 1], ak, bq + 2);
+                mma16816(acc_dp[2 * qp], av, bd);
+                mma16816(acc_dp[2 * qp + 1], av, bd + 2);
+            }
+        }
+
+        // P^T and dS^T in place of S^T and dP^T.
+        const bool need_mask = !mask.full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N);
+#pragma unroll
+        for (int t = 0; t < QT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int jl = kg * 16 + lane / 4 + 8 * (e / 2), il = t * 8 + 2 * (lane % 4) + (e % 2);
+                const int j = n0 + jl, i = m0 + il;
+                float s = acc_s[t][e], dscore = p.scale, pr;
+                if (HAS_MOD) {
+                    s = score_mod(p, slope, i + mask.shift - j, s, &dscore);
+                    pr = fast_exp2(s * LOG2E - sLse[il]);
+                } else {
+                    pr = fast_exp2(s * p.scale_log2 - sLse[il]);
+                }
+                if (need_mask && !mask.visible(i, j)) pr = 0.f;
+                acc_s[t][e] = pr;
+                acc_dp[t][e] = pr * (acc_dp[t][e] - sDelta[il]) * dscore;
+            }
+
+        // dV += P^T dO and dK += dS^T Q (this warp's keys and columns).
+#pragma unroll
+        for (int kq = 0; kq < BLOCK_M / 16; ++kq) {
+            u32 ap[4], ad[4];
+            ap[0] = pack2(acc_s[2 * kq][0], acc_s[2 * kq][1]);
+            ap[1] = pack2(acc_s[2 * kq][2], acc_s[2 * kq][3]);
+            ap[2] = pack2(acc_s[2 * kq + 1][0], acc_s[2 * kq + 1][1]);
+            ap[3] = pack2(acc_s[2 * kq + 1][2], acc_s[2 * kq + 1][3]);
+            ad[0] = pack2(acc_dp[2 * kq][0], acc_dp[2 * kq][1]);
+            ad[1] = pack2(acc_dp[2 * kq][2], acc_dp[2 * kq][3]);
+            ad[2] = pack2(acc_dp[2 * kq + 1][0], acc_dp[2 * kq + 1][1]);
+            ad[3] = pack2(acc_dp[2 * kq + 1][2], acc_dp[2 * kq + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < DTW / 2; ++dp) {
+                u32 bd[4], bq[4];
+                ldsm_x4_t(bd, do_bt + Tile<BLOCK_M>::bytes(kq * 16, dp * 16));
+                ldsm_x4_t(bq, q_bt + Tile<BLOCK_M>::bytes(kq * 16, dp * 16));
+                mma16816(acc_dv[2 * dp], ap, bd);
+                mma16816(acc_dv[2 * dp + 1], ap, bd + 2);
+                mma16816(acc_dk[2 * dp], ad, bq);
+                mma16816(acc_dk[2 * dp + 1], ad, bq + 2);
+            }
+        }
+
+        // dS^T to shared memory (one warp of each key group writes it).
+        if (dpart == 0) {
+#pragma unroll
+            for (int t = 0; t < QT; ++t)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = kg * 16 + lane / 4 + 8 * hf, c = t * 8 + 2 * (lane % 4);
+                    *(u32 *)(sdS + Tile<BLOCK_N, BLOCK_M>::offset(r, c)) = pack2(acc_dp[t][2 * hf], acc_dp[t][2 * hf + 1]);
+                }
+        }
+        __syncthreads();
+        // Every read of Q, dO, lse and D is done: the next step's tiles load during dQ.
+        if (st + 1 < steps) load_step(st + 1);
+        cp_async_commit();
+
+        // dQ = dS K for query group qg, columns part dqp.
+        float acc_dq[DQT][4];
+#pragma unroll
+        for (int t = 0; t < DQT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_dq[t][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+            u32 a[4];
+            ldsm_x4_t(a, ds_at + Tile<BLOCK_N, BLOCK_M>::bytes(kk * 16, 0));
+#pragma unroll
+            for (int dp = 0; dp < DQT / 2; ++dp) {
+                u32 bk[4];
+                ldsm_x4_t(bk, k_bt + Tile<BLOCK_N>::bytes(kk * 16, dp * 16));
+                mma16816(acc_dq[2 * dp], a, bk);
+                mma16816(acc_dq[2 * dp + 1], a, bk + 2);
+            }
+        }
+        float *dq = p.dq_accum + (q_token(p, b, seq, m0) * p.heads_q + h) * HDIM;
+        const long long dq_row = (long long)p.heads_q * HDIM;
+        int *sem = 0;
+        int turn = 0;
+        if (p.deterministic) {
+            // Key blocks add to this query block in order: wait for the ones before this one.
+            const int num_m = (p.seqlen_q + BLOCK_M - 1) / BLOCK_M;
+            sem = p.dq_semaphore + ((long long)b * p.heads_q + h) * num_m + m_block;
+            turn = n_block;
+#if IS_MASKED
+            turn -= mask.lo(m0) / BLOCK_N;
+#endif
+            if (threadIdx.x == 0) {
+                while (atomicAdd(sem, 0) != turn) {
+                }
+            }
+            __syncthreads();
+            __threadfence();
+        }
+#pragma unroll
+        for (int t = 0; t < DQT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int il = qg * 16 + lane / 4 + 8 * (e / 2), c = dqp * DQW + t * 8 + 2 * (lane % 4) + (e % 2);
+                if (m0 + il < seq.len_q) {
+                    float *at = dq + il * dq_row + c;
+                    if (p.deterministic) {
+                        *at += acc_dq[t][e];
+                    } else {
+                        atomicAdd(at, acc_dq[t][e]);
+                    }
+                }
+            }
+        if (p.deterministic) {
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) atomicExch(sem, turn + 1);
+        }
+    }
+    cp_async_wait_all();
+
+    // dK and dV of this warp's keys and columns.
+    u16 *dk = p.dk + kb * p.dk_batch + (long long)(seq.start_k + n0) * p.dk_row + hk * p.dk_head;
+    u16 *dv = p.dv + kb * p.dk_batch + (long long)(seq.start_k + n0) * p.dk_row + hk * p.dk_head;
+#pragma unroll
+    for (int t = 0; t < DTW; ++t)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int r = kg * 16 + lane / 4 + 8 * hf, c = dpart * HD_W + t * 8 + 2 * (lane % 4);
+            if (n0 + r < seq.len_k && c < p.head_dim) {
+                *(u32 *)(dk + (long long)r * p.dk_row + c) = pack2(acc_dk[t][2 * hf], acc_dk[t][2 * hf + 1]);
+                *(u32 *)(dv + (long long)r * p.dk_row + c) = pack2(acc_dv[t][2 * hf], acc_dv[t][2 * hf + 1]);
+            }
+        }
+}

@@ -1,0 +1,653 @@
+//! Flash attention on NVIDIA GPUs (sm_80 and newer): kernels compiled at run time by NVRTC for the GPU that is
+//! present, cached on disk, launched through the driver API. Nothing of CUDA is needed to build; at run time the
+//! driver (libcuda) and NVRTC (libnvrtc) are loaded dynamically, and their absence is an error, never a crash.
+
+mod blas;
+pub mod compile;
+pub mod kernels;
+mod params;
+
+use crate::dtype::{DType, Element};
+use crate::error::{AttnError, Result};
+use crate::problem::{AttnOptions, Plan};
+use crate::tensor::{contiguous_strides, TensorLayout, TensorRef};
+pub use cudarc::driver::CudaSlice;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use kernels::{Pass, Variant};
+use params::{strides3, AttnParams};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> AttnError + '_ {
+    move |e| AttnError::Cuda(format!("{what}: {e}"))
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only probes whether the shared library opens.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The number of CUDA GPUs, or why none can be used.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(AttnError::Cuda("no CUDA driver (libcuda) was found on this machine".into()));
+    }
+    let n = CudaContext::device_count().map_err(driver_err("counting devices"))?;
+    Ok(n.max(0) as usize)
+}
+
+/// Whether a GPU can run the kernels here (a driver, a device and NVRTC).
+pub fn is_available() -> bool {
+    device_count().map(|n| n > 0).unwrap_or(false) && compile::nvrtc_present()
+}
+
+/// A tensor of 16-bit elements in GPU memory, with a shape and element strides (last dimension contiguous).
+pub struct DeviceTensor {
+    buf: CudaSlice<u16>,
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+impl DeviceTensor {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn ptr(&self, stream: &CudaStream) -> u64 {
+        self.buf.device_ptr(stream).0
+    }
+    fn ptr_mut(&mut self, stream: &CudaStream) -> u64 {
+        self.buf.device_ptr_mut(stream).0
+    }
+    fn is_contiguous(&self) -> bool {
+        self.strides == contiguous_strides(&self.shape)
+    }
+}
+
+impl TensorLayout for DeviceTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    fn buffer_len(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// A compiled variant: its module and kernels.
+struct Loaded {
+    _module: Arc<CudaModule>,
+    main: CudaFunction,
+    preprocess: Option<CudaFunction>,
+    convert: Option<CudaFunction>,
+}
+
+/// One GPU, its stream and its loaded kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    arch: (i32, i32),
+    max_smem: usize,
+    loaded: Mutex<HashMap<Variant, Arc<Loaded>>>,
+    /// Device bytes of workspace the last forward or backward allocated.
+    workspace: std::sync::atomic::AtomicUsize,
+}
+
+impl Gpu {
+    /// The GPU with this ordinal, opened once per process.
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>> {
+        static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+        let mut gpus = GPUS.get_or_init(Default::default).lock().unwrap();
+        if let Some(g) = gpus.get(&ordinal) {
+            return Ok(g.clone());
+        }
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(AttnError::Cuda(format!("GPU {ordinal} requested, but this machine has {count}")));
+        }
+        compile::nvrtc_version()?;
+        let ctx = CudaContext::new(ordinal).map_err(driver_err("creating a context"))?;
+        // One stream: the library orders its own work, so the per-buffer event tracking is not needed.
+        // SAFETY: no buffer of this context is shared across streams.
+        unsafe { ctx.disable_event_tracking() };
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let attr = |a| ctx.attribute(a).map_err(driver_err("reading a device attribute"));
+        let arch = (
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        if arch.0 < 8 {
+            return Err(AttnError::Unsupported {
+                what: format!("GPU of compute capability {}.{}", arch.0, arch.1),
+                why: "the kernels need sm_80 (Ampere) or newer".into(),
+            });
+        }
+        let max_smem = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let stream = ctx.default_stream();
+        let gpu = Arc::new(Gpu {
+            ctx,
+            stream,
+            name,
+            arch,
+            max_smem,
+            loaded: Mutex::new(HashMap::new()),
+            workspace: Default::default(),
+        });
+        gpus.insert(ordinal, gpu.clone());
+        Ok(gpu)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.arch
+    }
+
+    /// Device bytes of workspace the last forward or backward call allocated (beyond inputs and outputs).
+    pub fn last_workspace_bytes(&self) -> usize {
+        self.workspace.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The NVRTC architecture of this GPU, e.g. "sm_90".
+    pub fn arch_name(&self) -> String {
+        format!("sm_{}{}", self.arch.0, self.arch.1)
+    }
+
+    /// Waits for all work queued on the GPU.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver_err("synchronizing"))
+    }
+
+    /// Copies a host tensor (f16 or bf16) to the GPU, contiguous.
+    pub fn upload<T: Element>(&self, t: &TensorRef<T>) -> Result<DeviceTensor> {
+        if T::DTYPE == DType::F32 {
+            return Err(AttnError::Unsupported {
+                what: "f32 tensors on CUDA".into(),
+                why: "the GPU kernels take f16 or bf16".into(),
+            });
+        }
+        let data = gather(t);
+        // SAFETY: f16 and bf16 are 16-bit plain values; the slice is reinterpreted without changing its bytes.
+        let bits: &[u16] = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u16, data.len()) };
+        let buf = self.stream.clone_htod(bits).map_err(driver_err("copying to the GPU"))?;
+        Ok(DeviceTensor { buf, dtype: T::DTYPE, shape: t.shape.clone(), strides: contiguous_strides(&t.shape) })
+    }
+
+    /// A zeroed contiguous tensor.
+    pub fn zeros(&self, dtype: DType, shape: &[usize]) -> Result<DeviceTensor> {
+        if dtype == DType::F32 {
+            return Err(AttnError::Unsupported {
+                what: "f32 tensors on CUDA".into(),
+                why: "the GPU kernels take f16 or bf16".into(),
+            });
+        }
+        let n = shape.iter().product::<usize>();
+        let buf = self.stream.alloc_zeros::<u16>(n.max(1)).map_err(driver_err("allocating GPU memory"))?;
+        Ok(DeviceTensor { buf, dtype, shape: shape.to_vec(), strides: contiguous_strides(shape) })
+    }
+
+    /// A zeroed f32 buffer (for the log-sum-exp).
+    pub fn zeros_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(driver_err("allocating GPU memory"))
+    }
+
+    /// Copies a contiguous device tensor back to the host.
+    pub fn download<T: Element>(&self, t: &DeviceTensor) -> Result<Vec<T>> {
+        if T::DTYPE != t.dtype {
+            return Err(AttnError::Unsupported {
+                what: format!("reading a {} tensor as {}", t.dtype, T::DTYPE),
+                why: "the types differ".into(),
+            });
+        }
+        let bits = self.stream.clone_dtoh(&t.buf).map_err(driver_err("copying from the GPU"))?;
+        let n = t.shape.iter().product::<usize>();
+        // SAFETY: f16 and bf16 are 16-bit plain values.
+        Ok(bits[..n].iter().map(|&b| unsafe { std::mem::transmute_copy::<u16, T>(&b) }).collect())
+    }
+
+    /// Copies an f32 device buffer back to the host.
+    pub fn download_f32(&self, buf: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
+        let v = self.stream.clone_dtoh(buf).map_err(driver_err("copying from the GPU"))?;
+        Ok(v[..n].to_vec())
+    }
+
+    /// The variant's module, compiled (or read from the disk cache) and loaded on first use.
+    fn load(&self, variant: Variant) -> Result<Arc<Loaded>> {
+        if let Some(l) = self.loaded.lock().unwrap().get(&variant) {
+            return Ok(l.clone());
+        }
+        let smem = variant.smem_bytes();
+        if smem > self.max_smem {
+            return Err(AttnError::Unsupported {
+                what: format!("head dim {} {:?} on {}", variant.hdim, variant.pass, self.name),
+                why: format!(
+                    "the kernel needs {smem} bytes of shared memory per block, the GPU offers {}",
+                    self.max_smem
+                ),
+            });
+        }
+        let compiled =
+            compile::compile(&variant.name(), &variant.source(), &self.arch_name(), &variant.defines(), false)?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+            .map_err(driver_err("loading a kernel module"))?;
+        let function = |name: &str| module.load_function(name).map_err(driver_err("finding a kernel"));
+        let main = function(match variant.pass {
+            Pass::Forward => "flash_fwd",
+            Pass::Backward => "flash_bwd",
+        })?;
+        use cudarc::driver::sys::CUfunction_attribute as F;
+        main.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(driver_err("raising the shared-memory limit"))?;
+        let (preprocess, convert) = match variant.pass {
+            Pass::Forward => (None, None),
+            Pass::Backward => (Some(function("flash_bwd_preprocess")?), Some(function("flash_bwd_dq_convert")?)),
+        };
+        let loaded = Arc::new(Loaded { _module: module, main, preprocess, convert });
+        self.loaded.lock().unwrap().insert(variant, loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Compiles (or loads from the cache) the kernels a problem will use, so that timing excludes it.
+    pub fn prepare(&self, dtype: DType, head_dim: usize, opts: &AttnOptions, backward: bool) -> Result<()> {
+        let hdim = kernels::padded_head_dim(head_dim)?;
+        let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
+        let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
+        self.load(Variant { pass: Pass::Forward, dtype, hdim, masked, has_mod })?;
+        if backward {
+            self.load(Variant { pass: Pass::Backward, dtype, hdim, masked, has_mod })?;
+        }
+        Ok(())
+    }
+
+    /// Flash forward on device tensors: `out` (q's shape, contiguous) and `lse` (f32, the plan's lse length).
+    pub fn forward(
+        &self,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        opts: &AttnOptions,
+        out: &mut DeviceTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (plan, variant) = self.plan(q, k, v, opts, Pass::Forward)?;
+        check_output("out", out, plan.q_shape(), plan.dtype())?;
+        if lse.len() < plan.lse_len() {
+            return Err(AttnError::Shape {
+                tensor: "lse",
+                expected: format!("a buffer of {} elements", plan.lse_len()),
+                got: vec![lse.len()],
+            });
+        }
+        let loaded = self.load(variant)?;
+        let extras = self.extras(&plan, opts)?;
+        self.workspace.store(extras.bytes(), std::sync::atomic::Ordering::Relaxed);
+        let mut p = self.base_params(&plan, (q, k, v), &extras);
+        p.out = out.ptr_mut(&self.stream);
+        (p.o_batch, p.o_row, p.o_head) = strides3(&out.strides);
+        p.lse = lse.device_ptr_mut(&self.stream).0;
+        let t = variant.fwd_tiles();
+        let cfg = LaunchConfig {
+            grid_dim: (plan_max(&plan.len_q).div_ceil(t.block_m).max(1) as u32, plan.heads_q as u32, plan.batch as u32),
+            block_dim: (variant.threads(), 1, 1),
+            shared_mem_bytes: variant.smem_bytes() as u32,
+        };
+        // SAFETY: the parameter block matches the kernel's; every pointer is a live buffer sized by the plan.
+        unsafe { self.stream.launch_builder(&loaded.main).arg(&p).launch(cfg) }
+            .map_err(driver_err("launching the forward kernel"))?;
+        Ok(())
+    }
+
+    /// Flash backward on device tensors: dq (q's shape), dk and dv (k's shape), contiguous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+        o: &DeviceTensor,
+        lse: &CudaSlice<f32>,
+        dout: &DeviceTensor,
+        opts: &AttnOptions,
+        (dq, dk, dv): (&mut DeviceTensor, &mut DeviceTensor, &mut DeviceTensor),
+    ) -> Result<()> {
+        let (plan, variant) = self.plan(q, k, v, opts, Pass::Backward)?;
+        if lse.len() < plan.lse_len() {
+            return Err(AttnError::Shape {
+                tensor: "lse",
+                expected: format!("a buffer of {} elements", plan.lse_len()),
+                got: vec![lse.len()],
+            });
+        }
+        plan.check_backward_inputs(o, plan.lse_len(), dout)?;
+        for (name, t) in [("o", o), ("dout", dout)] {
+            if t.dtype != plan.dtype() {
+                return Err(AttnError::Unsupported {
+                    what: format!("{name} in {}", t.dtype),
+                    why: format!("q is {}", plan.dtype()),
+                });
+            }
+            check_aligned(name, t)?;
+        }
+        check_output("dq", dq, plan.q_shape(), plan.dtype())?;
+        check_output("dk", dk, plan.kv_shape(), plan.dtype())?;
+        check_output("dv", dv, plan.kv_shape(), plan.dtype())?;
+        let loaded = self.load(variant)?;
+        let extras = self.extras(&plan, opts)?;
+        let tokens_q = plan.q_shape().iter().rev().skip(2).product::<usize>();
+        let rows = tokens_q * plan.heads_q;
+        let t = variant.bwd_tiles();
+        let num_m = plan_max(&plan.len_q).div_ceil(t.block_m);
+        let mut delta = self.zeros_f32(plan.lse_len())?;
+        let mut dq_accum = self.zeros_f32(rows * variant.hdim)?;
+        let mut semaphore = self
+            .stream
+            .alloc_zeros::<i32>((plan.batch * plan.heads_q * num_m).max(1))
+            .map_err(driver_err("allocating GPU memory"))?;
+        let bytes = extras.bytes() + 4 * (delta.len() + dq_accum.len() + semaphore.len());
+        self.workspace.store(bytes, std::sync::atomic::Ordering::Relaxed);
+
+        let mut p = self.base_params(&plan, (q, k, v), &extras);
+        p.o = o.ptr(&self.stream);
+        (p.o_batch, p.o_row, p.o_head) = strides3(&o.strides);
+        p.dout = dout.ptr(&self.stream);
+        (p.do_batch, p.do_row, p.do_head) = strides3(&dout.strides);
+        p.lse = lse.device_ptr(&self.stream).0;
+        p.delta = delta.device_ptr_mut(&self.stream).0;
+        p.dq_accum = dq_accum.device_ptr_mut(&self.stream).0;
+        p.dq_semaphore = semaphore.device_ptr_mut(&self.stream).0;
+        p.deterministic = plan.deterministic as i32;
+        p.dk = dk.ptr_mut(&self.stream);
+        p.dv = dv.ptr_mut(&self.stream);
+        (p.dk_batch, p.dk_row, p.dk_head) = strides3(&dk.strides);
+        let max_q = plan_max(&plan.len_q);
+
+        let pre = LaunchConfig {
+            grid_dim: (max_q.div_ceil(64).max(1) as u32, plan.heads_q as u32, plan.batch as u32),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY (all launches): the parameter block matches the kernels'; pointers are live buffers sized by the plan.
+        unsafe { self.stream.launch_builder(loaded.preprocess.as_ref().unwrap()).arg(&p).launch(pre) }
+            .map_err(driver_err("launching the backward preprocess"))?;
+        let main = LaunchConfig {
+            grid_dim: (
+                plan_max(&plan.len_k).div_ceil(t.block_n()).max(1) as u32,
+                plan.heads_kv as u32,
+                plan.batch as u32,
+            ),
+            block_dim: (variant.threads(), 1, 1),
+            shared_mem_bytes: variant.smem_bytes() as u32,
+        };
+        unsafe { self.stream.launch_builder(&loaded.main).arg(&p).launch(main) }
+            .map_err(driver_err("launching the backward kernel"))?;
+        // The output o is read through p.o; dq is written through p.dq by the conversion, with o's row layout.
+        let mut pc = p;
+        pc.dq = dq.ptr_mut(&self.stream);
+        (pc.o_batch, pc.o_row, pc.o_head) = strides3(&dq.strides);
+        let chunks = rows * variant.hdim / 8;
+        let conv = LaunchConfig {
+            grid_dim: (chunks.div_ceil(256).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let rows = rows as i64;
+        unsafe { self.stream.launch_builder(loaded.convert.as_ref().unwrap()).arg(&pc).arg(&rows).launch(conv) }
+            .map_err(driver_err("launching the dq conversion"))?;
+        // The workspace is freed in stream order.
+        drop((delta, dq_accum, semaphore));
+        Ok(())
+    }
+
+    /// Validates a problem for the kernels and picks its variant.
+    fn plan(
+        &self,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        opts: &AttnOptions,
+        pass: Pass,
+    ) -> Result<(Plan, Variant)> {
+        for (name, t) in [("k", k), ("v", v)] {
+            if t.dtype != q.dtype {
+                return Err(AttnError::Unsupported {
+                    what: format!("{name} in {}", t.dtype),
+                    why: format!("q is {}", q.dtype),
+                });
+            }
+        }
+        let plan = Plan::new(q, k, v, opts, q.dtype)?;
+        for (name, t) in [("q", q), ("k", k), ("v", v)] {
+            check_aligned(name, t)?;
+        }
+        let too_long = |lens: &[usize]| lens.iter().sum::<usize>() > i32::MAX as usize;
+        if too_long(&plan.len_q) || too_long(&plan.len_k) {
+            return Err(AttnError::Unsupported {
+                what: "more than 2^31 tokens".into(),
+                why: "sequence offsets are 32-bit on the GPU".into(),
+            });
+        }
+        let hdim = kernels::padded_head_dim(plan.head_dim)?;
+        let m = &plan.mask;
+        let variant = Variant {
+            pass,
+            dtype: plan.dtype(),
+            hdim,
+            masked: m.left.is_some() || m.right.is_some(),
+            has_mod: m.softcap.is_some() || !m.alibi.is_empty() || m.scale <= 0.0,
+        };
+        Ok((plan, variant))
+    }
+
+    /// Small per-call device buffers: sequence offsets and ALiBi slopes.
+    fn extras(&self, plan: &Plan, opts: &AttnOptions) -> Result<Extras> {
+        let upload_i32 = |v: &[i32]| self.stream.clone_htod(v).map_err(driver_err("copying to the GPU"));
+        let (cu_q, cu_k) = match &opts.varlen {
+            Some(vl) => (Some(upload_i32(&vl.cu_seqlens_q)?), Some(upload_i32(&vl.cu_seqlens_k)?)),
+            None => (None, None),
+        };
+        let alibi = if plan.mask.alibi.is_empty() {
+            None
+        } else {
+            Some(self.stream.clone_htod(&plan.mask.alibi).map_err(driver_err("copying to the GPU"))?)
+        };
+        Ok(Extras { cu_q, cu_k, alibi })
+    }
+
+    fn base_params(
+        &self,
+        plan: &Plan,
+        (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+        x: &Extras,
+    ) -> AttnParams {
+        let s = &self.stream;
+        let m = &plan.mask;
+        let lse_shape = plan.lse_shape();
+        let (lse_batch, lse_head) = if plan.varlen {
+            (0, lse_shape[1] as i64)
+        } else {
+            ((plan.heads_q * lse_shape[2]) as i64, lse_shape[2] as i64)
+        };
+        let mut p = AttnParams {
+            q: q.ptr(s),
+            k: k.ptr(s),
+            v: v.ptr(s),
+            cu_seqlens_q: x.cu_q.as_ref().map_or(0, |b| b.device_ptr(s).0),
+            cu_seqlens_k: x.cu_k.as_ref().map_or(0, |b| b.device_ptr(s).0),
+            alibi: x.alibi.as_ref().map_or(0, |b| b.device_ptr(s).0),
+            lse_batch,
+            lse_head,
+            batch: plan.batch as i32,
+            heads_q: plan.heads_q as i32,
+            heads_kv: plan.heads_kv as i32,
+            head_dim: plan.head_dim as i32,
+            seqlen_q: plan_max(&plan.len_q) as i32,
+            seqlen_k: plan_max(&plan.len_k) as i32,
+            window_left: m.left.map_or(-1, |l| l.min(i32::MAX as usize) as i32),
+            window_right: m.right.map_or(-1, |r| r.min(i32::MAX as usize) as i32),
+            alibi_batch_stride: plan.heads_q as i32,
+            scale: m.scale,
+            scale_log2: m.scale * std::f32::consts::LOG2_E,
+            softcap: m.softcap.unwrap_or(0.0),
+            ..Default::default()
+        };
+        (p.q_batch, p.q_row, p.q_head) = strides3(&q.strides);
+        (p.k_batch, p.k_row, p.k_head) = strides3(&k.strides);
+        (p.v_batch, p.v_row, p.v_head) = strides3(&v.strides);
+        p
+    }
+}
+
+struct Extras {
+    cu_q: Option<CudaSlice<i32>>,
+    cu_k: Option<CudaSlice<i32>>,
+    alibi: Option<CudaSlice<f32>>,
+}
+
+impl Extras {
+    fn bytes(&self) -> usize {
+        4 * (self.cu_q.as_ref().map_or(0, |b| b.len())
+            + self.cu_k.as_ref().map_or(0, |b| b.len())
+            + self.alibi.as_ref().map_or(0, |b| b.len()))
+    }
+}
+
+fn plan_max(lens: &[usize]) -> usize {
+    lens.iter().copied().max().unwrap_or(0)
+}
+
+/// 16-byte copies need strides (and so rows) in whole multiples of 8 elements.
+fn check_aligned(name: &'static str, t: &DeviceTensor) -> Result<()> {
+    let r = t.strides.len();
+    if t.strides[..r - 1].iter().any(|s| s % 8 != 0) {
+        return Err(AttnError::Stride {
+            tensor: name,
+            problem: "on CUDA every stride but the last must be a multiple of 8 elements (16 bytes)".into(),
+            shape: t.shape.clone(),
+            strides: t.strides.clone(),
+            len: t.buf.len(),
+        });
+    }
+    Ok(())
+}
+
+fn check_output(name: &'static str, t: &DeviceTensor, shape: &[usize], dtype: DType) -> Result<()> {
+    if t.shape != shape || !t.is_contiguous() || t.dtype != dtype {
+        return Err(AttnError::Shape {
+            tensor: name,
+            expected: format!("a contiguous {dtype} tensor of shape {shape:?}"),
+            got: t.shape.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The tensor's elements in row-major order (a copy only when it is strided).
+fn gather<'a, T: Element>(t: &'a TensorRef<T>) -> std::borrow::Cow<'a, [T]> {
+    let n: usize = t.shape.iter().product();
+    if t.strides == contiguous_strides(&t.shape) {
+        return std::borrow::Cow::Borrowed(&t.data[..n]);
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; t.shape.len()];
+    for _ in 0..n {
+        let off: usize = idx.iter().zip(&t.strides).map(|(i, s)| i * s).sum();
+        out.push(t.data[off]);
+        for ax in (0..idx.len()).rev() {
+            idx[ax] += 1;
+            if idx[ax] < t.shape[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Forward on host tensors: uploads, runs, downloads (the `Backend::Cuda` path).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_host<T: Element>(
+    ordinal: usize,
+    plan: &Plan,
+    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    opts: &AttnOptions,
+    out: &mut [T],
+    lse: &mut [f32],
+) -> Result<()> {
+    plan.check_output("out", out.len(), plan.q_numel())?;
+    plan.check_output("lse", lse.len(), plan.lse_len())?;
+    let gpu = Gpu::open(ordinal)?;
+    let (dq, dk, dv) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?);
+    let mut o = gpu.zeros(T::DTYPE, plan.q_shape())?;
+    let mut l = gpu.zeros_f32(plan.lse_len())?;
+    gpu.forward(&dq, &dk, &dv, opts, &mut o, &mut l)?;
+    out.copy_from_slice(&gpu.download::<T>(&o)?);
+    lse.copy_from_slice(&gpu.download_f32(&l, plan.lse_len())?);
+    Ok(())
+}
+
+/// Backward on host tensors (the `Backend::Cuda` path).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_host<T: Element>(
+    ordinal: usize,
+    plan: &Plan,
+    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    o: &TensorRef<T>,
+    lse: &[f32],
+    dout: &TensorRef<T>,
+    opts: &AttnOptions,
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+) -> Result<()> {
+    plan.check_backward_inputs(o, lse.len(), dout)?;
+    plan.check_output("dq", dq.len(), plan.q_numel())?;
+    plan.check_output("dk", dk.len(), plan.kv_numel())?;
+    plan.check_output("dv", dv.len(), plan.kv_numel())?;
+    let gpu = Gpu::open(ordinal)?;
+    let (gq, gk, gv, go, gd) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?, gpu.upload(o)?, gpu.upload(dout)?);
+    let gl = gpu.stream.clone_htod(lse).map_err(driver_err("copying to the GPU"))?;
+    let mut gdq = gpu.zeros(T::DTYPE, plan.q_shape())?;
+    let mut gdk = gpu.zeros(T::DTYPE, plan.kv_shape())?;
+    let mut gdv = gpu.zeros(T::DTYPE, plan.kv_shape())?;
+    gpu.backward((&gq, &gk, &gv), &go, &gl, &gd, opts, (&mut gdq, &mut gdk, &mut gdv))?;
+    dq.copy_from_slice(&gpu.download::<T>(&gdq)?);
+    dk.copy_from_slice(&gpu.download::<T>(&gdk)?);
+    dv.copy_from_slice(&gpu.download::<T>(&gdv)?);
+    Ok(())
+}
+
+/// Compiles every kernel variant for `arch` (no GPU needed), in parallel, with ptxas' resource report; calls
+/// `on_variant` in order with each variant's kernels' registers, stack and spills. Errors on a failed compilation.
+pub fn check_kernels(arch: &str, mut on_variant: impl FnMut(&Variant, &[compile::Resources])) -> Result<()> {
+    use rayon::prelude::*;
+    let variants = Variant::all();
+    let reports: Vec<Result<Vec<compile::Resources>>> = variants
+        .par_iter()
+        .map(|v| {
+            compile::compile(&v.name(), &v.source(), arch, &v.defines(), true).map(|c| compile::parse_resources(&c.log))
+        })
+        .collect();
+    for (v, r) in variants.iter().zip(reports) {
+        on_variant(v, &r?);
+    }
+    Ok(())
+}
+
+/// Compiles every kernel variant for `arch` into the disk cache, in parallel; returns how many were compiled
+/// (the rest were cached already).
+pub fn warm_cache(arch: &str) -> Result<usize> {
+    use rayon::prelude::*;
+    let compiled: Result<Vec<bool>> = Variant::all()
+        .par_iter()
+        .map(|v| compile::compile(&v.name(), &v.source(), arch, &v.defines(), false).map(|c| !c.cached))
+        .collect();
+    Ok(compiled?.into_iter().filter(|&fresh| fresh).count())
+}

@@ -1,0 +1,122 @@
+//! The CUDA backend against the f64 oracle: the same random problems as the CPU tests (f16 and bf16, head dims
+//! that are multiples of 8 up to 256), larger fixed shapes, the deterministic backward, and GPU-specific errors.
+//! Without a usable GPU every test says so on stderr and passes.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::{any_case, check_case, inputs, Case};
+use flashattn::{AttnError, AttnOptions, Backend, DType, TensorRef};
+use half::bf16;
+use proptest::prelude::*;
+use std::io::Write;
+
+/// The GPU backend, or None after saying (once, past the test harness's output capture) why the test is skipped.
+fn gpu(test: &str) -> Option<Backend> {
+    if flashattn::cuda::is_available() {
+        return Some(Backend::Cuda(0));
+    }
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap();
+    if !said.iter().any(|t| t == test) {
+        said.push(test.to_string());
+        let why =
+            flashattn::cuda::device_count().err().map_or("no CUDA GPU or no NVRTC".to_string(), |e| e.to_string());
+        let _ = writeln!(std::io::stderr(), "cuda test {test} SKIPPED: {why}");
+    }
+    None
+}
+
+const HEAD_DIMS: [usize; 13] = [8, 16, 32, 40, 64, 72, 96, 128, 136, 160, 192, 224, 256];
+
+fn cases() -> u32 {
+    std::env::var("FLASHATTN_TEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn gpu_forward_and_backward_match_the_oracle(case in any_case(vec![DType::BF16, DType::F16], HEAD_DIMS.to_vec())) {
+        if let Some(backend) = gpu("gpu_forward_and_backward_match_the_oracle") {
+            check_case(&case, backend, true)?;
+        }
+    }
+}
+
+/// Many blocks in every direction: long sequences, every pass's tile sizes crossed, GQA, masks, varlen.
+#[test]
+fn gpu_larger_shapes() {
+    let Some(backend) = gpu("gpu_larger_shapes") else { return };
+    for (d, causal, dtype) in [
+        (64, false, DType::BF16),
+        (128, true, DType::BF16),
+        (96, true, DType::F16),
+        (256, false, DType::BF16),
+        (192, true, DType::F16),
+    ] {
+        let mut case = Case::dense(2, 1000, 1300, 4, 2, d);
+        case.causal = causal;
+        case.dtype = dtype;
+        check_case(&case, backend, true).unwrap();
+    }
+    let mut varlen = Case::dense(1, 1, 1, 6, 2, 128);
+    varlen.varlen = true;
+    varlen.len_q = vec![700, 0, 129, 1500];
+    varlen.len_k = vec![900, 64, 0, 1400];
+    varlen.causal = true;
+    varlen.window = (Some(300), None);
+    varlen.dtype = DType::BF16;
+    check_case(&varlen, backend, true).unwrap();
+    let mut modded = Case::dense(2, 777, 777, 8, 8, 128);
+    modded.softcap = Some(20.0);
+    modded.alibi = true;
+    modded.dtype = DType::BF16;
+    check_case(&modded, backend, true).unwrap();
+}
+
+#[test]
+fn gpu_deterministic_backward_is_reproducible() {
+    let Some(backend) = gpu("gpu_deterministic_backward_is_reproducible") else { return };
+    for causal in [false, true] {
+        let mut case = Case::dense(2, 600, 900, 4, 1, 64);
+        case.causal = causal;
+        case.dtype = DType::BF16;
+        let inp = inputs::<bf16>(&case);
+        let (q, k, v, dout) = (inp.q.view(), inp.k.view(), inp.v.view(), inp.dout.view());
+        let opts = case.options().deterministic(true);
+        let fwd = flashattn::forward(&q, &k, &v, &opts, backend).unwrap();
+        let first = flashattn::backward(&q, &k, &v, &fwd.out_ref(), &fwd.lse, &dout, &opts, backend).unwrap();
+        for _ in 0..3 {
+            let again = flashattn::backward(&q, &k, &v, &fwd.out_ref(), &fwd.lse, &dout, &opts, backend).unwrap();
+            assert!(
+                again.dq == first.dq && again.dk == first.dk && again.dv == first.dv,
+                "causal={causal}: not bit-identical"
+            );
+        }
+        let mut det = case.clone();
+        det.seed = case.seed;
+        check_case(&det, backend, true).unwrap();
+    }
+}
+
+#[test]
+fn gpu_errors() {
+    let Some(backend) = gpu("gpu_errors") else { return };
+    let x = vec![0.5f32; 2 * 3 * 4 * 16];
+    let t = TensorRef::new(&x, &[2, 3, 4, 16]);
+    let e = flashattn::forward(&t, &t, &t, &AttnOptions::new(), backend).unwrap_err();
+    assert!(matches!(e, AttnError::Unsupported { .. }), "{e:?}");
+    let y = vec![bf16::from_f32(0.5); 2 * 3 * 4 * 12];
+    let t = TensorRef::new(&y, &[2, 3, 4, 12]);
+    let e = flashattn::forward(&t, &t, &t, &AttnOptions::new(), backend).unwrap_err();
+    assert!(matches!(e, AttnError::HeadDim { got: 12, .. }), "{e:?}");
+    let z = vec![bf16::from_f32(0.5); 2 * 3 * 4 * 264];
+    let t = TensorRef::new(&z, &[2, 3, 4, 264]);
+    assert!(matches!(
+        flashattn::forward(&t, &t, &t, &AttnOptions::new(), backend).unwrap_err(),
+        AttnError::HeadDim { got: 264, .. }
+    ));
+    let e = flashattn::forward(&t, &t, &t, &AttnOptions::new(), Backend::Cuda(99)).unwrap_err();
+    assert!(e.to_string().contains("GPU 99"), "{e}");
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, with ./stage carried: the GPU tests, the sanitizers, and
+# the benchmark side by side with PyTorch's scaled_dot_product_attention backends. Everything lands in $OUT:
+# log.txt (all output), tests.txt, sanitizer.txt, ours.jsonl, torch.jsonl, summary.md, results.json, bench.png.
+#
+# Environment: STEPS (default "info tests sanitize bench"), SEQLENS, HEAD_DIMS, CASES (property-test cases),
+# PASSES (fwd,bwd), MIN_TIME.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PATH=/usr/local/cuda/bin:$PATH
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export FLASHATTN_CACHE_DIR=/tmp/flashattn-cache
+STEPS=${STEPS:-"info tests sanitize bench"}
+SEQLENS=${SEQLENS:-512,1024,2048,4096,8192,16384}
+HEAD_DIMS=${HEAD_DIMS:-64,128}
+CASES=${CASES:-64}
+MIN_TIME=${MIN_TIME:-0.3}
+FA=./stage/flashattn
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+if step info; then
+    echo "== machine"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    lscpu | grep -E "Model name|^CPU\(s\)|Flags" | sed 's/Flags:/Flags:/' | cut -c1-2000 | tr ' ' '\n' | grep -E "Model|CPU|avx512f$|avx512_bf16|amx_bf16|amx_tile|avx2$" | tr '\n' ' '; echo
+    echo "== cold and warm start (kernel cache)"
+    rm -rf "$FLASHATTN_CACHE_DIR"
+    for run in cold warm; do
+        start=$(date +%s.%N)
+        $FA bench --device cuda --seqlen 1024 --head-dim 128 --pass both --min-time 0 --json > /dev/null
+        end=$(date +%s.%N)
+        echo "$run start: $(echo "$end - $start" | bc) s (bench of one shape, forward and backward, including compilation when cold)"
+    done
+    $FA info
+    echo "== compiling every kernel variant into the cache"
+    $FA kernels --arch "$($FA info | sed -n 's/.*compute capability \([0-9]\)\.\([0-9]\)).*/sm_\1\2/p' | head -1)" --warm
+fi
+
+if step tests; then
+    echo "== GPU tests"
+    {
+        FLASHATTN_TEST_CASES=$CASES ./stage/tests/cuda_flash 2>&1
+        echo "== CPU tests on this machine's CPU"
+        FLASHATTN_TEST_CASES=32 ./stage/tests/cpu_flash 2>&1
+        ./stage/tests/masks 2>&1
+    } | tee "$OUT/tests.txt" | tail -40
+fi
+
+if step sanitize; then
+    echo "== compute-sanitizer"
+    python3 scripts/make_inputs.py /tmp/san 2 300 4 2 128 > /dev/null
+    {
+        for tool in memcheck racecheck; do
+            for flags in "" "--causal" "--window 64,16 --softcap 10"; do
+                echo "-- $tool $flags"
+                compute-sanitizer --tool $tool --error-exitcode 9 $FA run --device cuda --q /tmp/san/q.npy --k /tmp/san/k.npy --v /tmp/san/v.npy \
+                    --out /tmp/san/o.npy --lse /tmp/san/lse.npy --dout /tmp/san/do.npy --dq /tmp/san/dq.npy --dk /tmp/san/dk.npy --dv /tmp/san/dv.npy $flags 2>&1 | tail -4
+                echo "exit ${PIPESTATUS[0]}"
+            done
+        done
+    } | tee "$OUT/sanitizer.txt"
+fi
+
+if step bench; then
+    echo "== benchmark: ours"
+    : > "$OUT/ours.jsonl"
+    for causal in "" "--causal"; do
+        $FA bench --device cuda --dtype bf16 --head-dim "$HEAD_DIMS" --seqlen "$SEQLENS" --min-time "$MIN_TIME" $causal --json >> "$OUT/ours.jsonl"
+    done
+    echo "== benchmark: PyTorch scaled_dot_product_attention"
+    PYTHONUNBUFFERED=1 python3 scripts/sdpa_bench.py --head-dims "$HEAD_DIMS" --seqlens "$SEQLENS" > "$OUT/torch.jsonl"
+    python3 scripts/compare.py "$OUT/ours.jsonl" "$OUT/torch.jsonl" --out "$OUT"
+    cat "$OUT/summary.md"
+fi
