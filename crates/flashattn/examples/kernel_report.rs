@@ -13,7 +13,14 @@ fn report() {
     let args: Vec<String> = std::env::args().collect();
     let pass = if args[1] == "fwd" { Pass::Forward } else { Pass::Backward };
     let hdim: usize = args[2].parse().unwrap();
-    let v = Variant { pass, dtype: flashattn::DType::BF16, hdim, masked: args[3] == "1", has_mod: args[4] == "1" };
+    let v = Variant {
+        pass,
+        dtype: flashattn::DType::BF16,
+        hdim,
+        masked: args[3] == "1",
+        has_mod: args[4] == "1",
+        sm90: args[5] != "sm_80",
+    };
     let t = std::time::Instant::now();
     let mut defs = v.defines();
     if let Ok(bn) = std::env::var("FWD_BN") {

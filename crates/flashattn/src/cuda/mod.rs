@@ -264,9 +264,10 @@ impl Gpu {
         let hdim = kernels::padded_head_dim(head_dim)?;
         let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
         let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
-        self.load(Variant { pass: Pass::Forward, dtype, hdim, masked, has_mod })?;
+        let sm90 = self.arch.0 >= 9;
+        self.load(Variant { pass: Pass::Forward, dtype, hdim, masked, has_mod, sm90 })?;
         if backward {
-            self.load(Variant { pass: Pass::Backward, dtype, hdim, masked, has_mod })?;
+            self.load(Variant { pass: Pass::Backward, dtype, hdim, masked, has_mod, sm90 })?;
         }
         Ok(())
     }
@@ -426,6 +427,7 @@ impl Gpu {
             }
         }
         let plan = Plan::new(q, k, v, opts, q.dtype)?;
+        let hdim = kernels::padded_head_dim(plan.head_dim)?;
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             check_aligned(name, t)?;
         }
@@ -436,7 +438,6 @@ impl Gpu {
                 why: "sequence offsets are 32-bit on the GPU".into(),
             });
         }
-        let hdim = kernels::padded_head_dim(plan.head_dim)?;
         let m = &plan.mask;
         let variant = Variant {
             pass,
@@ -444,6 +445,7 @@ impl Gpu {
             hdim,
             masked: m.left.is_some() || m.right.is_some(),
             has_mod: m.softcap.is_some() || !m.alibi.is_empty() || m.scale <= 0.0,
+            sm90: self.arch.0 >= 9,
         };
         Ok((plan, variant))
     }
@@ -628,7 +630,7 @@ pub(crate) fn backward_host<T: Element>(
 /// `on_variant` in order with each variant's kernels' registers, stack and spills. Errors on a failed compilation.
 pub fn check_kernels(arch: &str, mut on_variant: impl FnMut(&Variant, &[compile::Resources])) -> Result<()> {
     use rayon::prelude::*;
-    let variants = Variant::all();
+    let variants = Variant::all(arch);
     let reports: Vec<Result<Vec<compile::Resources>>> = variants
         .par_iter()
         .map(|v| {
@@ -645,7 +647,7 @@ pub fn check_kernels(arch: &str, mut on_variant: impl FnMut(&Variant, &[compile:
 /// (the rest were cached already).
 pub fn warm_cache(arch: &str) -> Result<usize> {
     use rayon::prelude::*;
-    let compiled: Result<Vec<bool>> = Variant::all()
+    let compiled: Result<Vec<bool>> = Variant::all(arch)
         .par_iter()
         .map(|v| compile::compile(&v.name(), &v.source(), arch, &v.defines(), false).map(|c| !c.cached))
         .collect();

@@ -8,20 +8,33 @@
 //   or, deterministic, plain adds ordered by a semaphore per query block).
 // flash_bwd_dq_convert: dQ accumulator -> output dtype.
 //
-// Defines: BLOCK_M (queries per step), NWARPS, WARPS_D (warps sharing a key group, splitting dK/dV columns),
-// IS_MASKED, HAS_MOD.
+// Defines: BLOCK_M (queries per step), SUB_M (queries per sub-step), NWARPS, WARPS_D (warps sharing a key group,
+// splitting dK/dV columns), DQ_PARTS, IS_MASKED, HAS_MOD.
 
 #define NTHREADS (NWARPS * 32)
 #define KGROUPS (NWARPS / WARPS_D)
 #define BLOCK_N (16 * KGROUPS)
 #define HD_W (HDIM / WARPS_D)        // dK / dV columns per warp
 #define DTW (HD_W / 8)
-#define QT (BLOCK_M / 8)             // n8 tiles of S^T (queries)
+#ifndef SUB_M
+#define SUB_M BLOCK_M
+#endif
+#define QT (SUB_M / 8)               // n8 tiles of S^T (queries of a sub-step)
 #define KT (HDIM / 16)
 #define QGROUPS (BLOCK_M / 16)
-#define DQ_PARTS (NWARPS / QGROUPS)  // warps sharing a query group of dQ, splitting its columns
+// DQ_PARTS (a define): warps sharing a query group of dQ, splitting its columns in whole 16-column pairs; the
+// warps past QGROUPS * DQ_PARTS sit the dQ product out.
 #define DQW (HDIM / DQ_PARTS)
 #define DQT (DQW / 8)
+// On sm_90, dQ is added to its accumulator by bulk asynchronous reductions (the Hopper copy engine).
+#if __CUDA_ARCH__ >= 900
+#define BULK_DQ 1
+#else
+#define BULK_DQ 0
+#endif
+#define DQ_PAD 8  // floats between rows of the dQ staging tile: spreads a warp's stores over the banks
+static_assert(QT % 2 == 0 && DTW % 2 == 0 && DQT % 2 == 0 && DQW * DQ_PARTS == HDIM, "tiles must split into 16-column pairs");
+static_assert(QGROUPS * DQ_PARTS <= NWARPS, "not enough warps for the dQ split");
 
 // Token index of (sequence start, row) in dense or variable-length layout.
 DEVICE long long q_token(const AttnParams &p, int b, const Seq &s, int i) {
@@ -67,11 +80,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
     extern __shared__ __align__(128) u16 smem[];
     u16 *sK = smem;
     u16 *sV = sK + Tile<BLOCK_N>::ELEMS;
-    u16 *sQ = sV + Tile<BLOCK_N>::ELEMS;
-    u16 *sdO = sQ + Tile<BLOCK_M>::ELEMS;
-    u16 *sdS = sdO + Tile<BLOCK_M>::ELEMS;
-    float *sLse = (float *)(sdS + Tile<BLOCK_N, BLOCK_M>::ELEMS);  // lse * log2(e); +inf: no probability
-    float *sDelta = sLse + BLOCK_M;
+    // Query-side tiles are double-buffered: step st + 1 loads while step st computes.
+    u16 *sQ0 = sV + Tile<BLOCK_N>::ELEMS;  // Q, dO of buffer 0, then of buffer 1
+    u16 *sdS = sQ0 + 4 * Tile<BLOCK_M>::ELEMS;
+    float *sStats0 = (float *)(sdS + Tile<BLOCK_N, BLOCK_M>::ELEMS);  // lse * log2(e) (+inf: no probability), D
+    float *sdQ = sStats0 + 4 * BLOCK_M;  // BULK_DQ: this step's dQ, rows of HDIM + DQ_PAD floats
+    auto sQ = [&](int buf) { return sQ0 + 2 * buf * Tile<BLOCK_M>::ELEMS; };
+    auto sdO = [&](int buf) { return sQ(buf) + Tile<BLOCK_M>::ELEMS; };
 
     const int b = blockIdx.z, hk = blockIdx.y, n_block = blockIdx.x;
     const Seq seq = sequence(p, b);
@@ -82,6 +97,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kg = warp / WARPS_D, dpart = warp % WARPS_D;  // key group, dK/dV column part
     const int qg = warp / DQ_PARTS, dqp = warp % DQ_PARTS;  // dQ query group, column part
+    const bool dq_warp = warp < QGROUPS * DQ_PARTS;
 
     const long long kb = p.cu_seqlens_k ? 0 : b, qbt = p.cu_seqlens_q ? 0 : b;
     const u16 *k = p.k + kb * p.k_batch + (long long)(seq.start_k + n0) * p.k_row + hk * p.k_head;
@@ -109,20 +125,23 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
     const u32 a_off = Tile<BLOCK_N>::bytes(kg * 16 + (lane % 16), (lane / 16) * 8);
     const u32 k_a = smem_addr(sK) + a_off, v_a = smem_addr(sV) + a_off;
     const u32 b_off = Tile<BLOCK_M>::bytes((m8 / 2) * 8 + (lane % 8), (m8 % 2) * 8);
-    const u32 q_b = smem_addr(sQ) + b_off, do_b = smem_addr(sdO) + b_off;
+    const u32 q_b0 = smem_addr(sQ(0)) + b_off, do_b0 = smem_addr(sdO(0)) + b_off;
     const u32 bt_off = Tile<BLOCK_M>::bytes((m8 % 2) * 8 + (lane % 8), dpart * HD_W + (m8 / 2) * 8);
-    const u32 q_bt = smem_addr(sQ) + bt_off, do_bt = smem_addr(sdO) + bt_off;
+    const u32 q_bt0 = smem_addr(sQ(0)) + bt_off, do_bt0 = smem_addr(sdO(0)) + bt_off;
+    const u32 buf_bytes = 2 * 2 * Tile<BLOCK_M>::ELEMS;  // from one buffer's Q to the next's
     const u32 k_bt = smem_addr(sK) + Tile<BLOCK_N>::bytes((m8 % 2) * 8 + (lane % 8), dqp * DQW + (m8 / 2) * 8);
     const u32 ds_at = smem_addr(sdS) + Tile<BLOCK_N, BLOCK_M>::bytes((m8 / 2) * 8 + (lane % 8), qg * 16 + (m8 % 2) * 8);
 
-    // Loads the query-side tiles of step `st` (head, query block) into shared memory.
+    // Loads the query-side tiles of step `st` (head, query block) into buffer st % 2.
     auto load_step = [&](int st) {
+        const int buf = st & 1;
+        float *sLse = sStats0 + buf * 2 * BLOCK_M, *sDelta = sLse + BLOCK_M;
         const int h = hk * group + st / (m_hi - m_lo);
         const int m0 = (m_lo + st % (m_hi - m_lo)) * BLOCK_M;
         const u16 *q = p.q + qbt * p.q_batch + (long long)(seq.start_q + m0) * p.q_row + h * p.q_head;
         const u16 *dout = p.dout + qbt * p.do_batch + (long long)(seq.start_q + m0) * p.do_row + h * p.do_head;
-        load_tile<BLOCK_M, NTHREADS>(sQ, q, p.q_row, seq.len_q - m0, p.head_dim);
-        load_tile<BLOCK_M, NTHREADS>(sdO, dout, p.do_row, seq.len_q - m0, p.head_dim);
+        load_tile<BLOCK_M, NTHREADS>(sQ(buf), q, p.q_row, seq.len_q - m0, p.head_dim);
+        load_tile<BLOCK_M, NTHREADS>(sdO(buf), dout, p.do_row, seq.len_q - m0, p.head_dim);
         for (int t = threadIdx.x; t < BLOCK_M; t += NTHREADS) {
             const int i = m0 + t;
             const long long at = qbt * p.lse_batch + h * p.lse_head + seq.start_q + i;
@@ -140,89 +159,105 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
         const int m0 = m_block * BLOCK_M;
         const float slope = (HAS_MOD && p.alibi) ? p.alibi[b * p.alibi_batch_stride + h] : 0.f;
         cp_async_wait_all();
-        __syncthreads();
+        __syncthreads();  // step st is in; every warp is done with step st - 1 (its buffer is free)
+        if (st + 1 < steps) load_step(st + 1);
+        cp_async_commit();
+        const int buf = st & 1;
+        const u32 q_b = q_b0 + buf * buf_bytes, do_b = do_b0 + buf * buf_bytes;
+        const u32 q_bt = q_bt0 + buf * buf_bytes, do_bt = do_bt0 + buf * buf_bytes;
+        const float *sLse = sStats0 + buf * 2 * BLOCK_M, *sDelta = sLse + BLOCK_M;
 
-        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
-        float acc_s[QT][4], acc_dp[QT][4];
-#pragma unroll
-        for (int t = 0; t < QT; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc_s[t][e] = acc_dp[t][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KT; ++kk) {
-            u32 ak[4], av[4];
-            ldsm_x4(ak, k_a + Tile<BLOCK_N>::bytes(0, kk * 16));
-            ldsm_x4(av, v_a + Tile<BLOCK_N>::bytes(0, kk * 16));
-#pragma unroll
-            for (int qp = 0; qp < QT / 2; ++qp) {
-                u32 bq[4], bd[4];
-                ldsm_x4(bq, q_b + Tile<BLOCK_M>::bytes(qp * 16, kk * 16));
-                ldsm_x4(bd, do_b + Tile<BLOCK_M>::bytes(qp * 16, kk * 16));
-                mma16816(acc_s[2 * qp], ak, bq);
-                mma16816(acc_s[2 * qp + 1], ak, bq + 2);
-                mma16816(acc_dp[2 * qp], av, bd);
-                mma16816(acc_dp[2 * qp + 1], av, bd + 2);
-            }
-        }
-
-        // P^T and dS^T in place of S^T and dP^T.
         const bool need_mask = !mask.full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N);
-#pragma unroll
-        for (int t = 0; t < QT; ++t)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int jl = kg * 16 + lane / 4 + 8 * (e / 2), il = t * 8 + 2 * (lane % 4) + (e % 2);
-                const int j = n0 + jl, i = m0 + il;
-                float s = acc_s[t][e], dscore = p.scale, pr;
-                if (HAS_MOD) {
-                    s = score_mod(p, slope, i + mask.shift - j, s, &dscore);
-                    pr = fast_exp2(s * LOG2E - sLse[il]);
-                } else {
-                    pr = fast_exp2(s * p.scale_log2 - sLse[il]);
-                }
-                if (need_mask && !mask.visible(i, j)) pr = 0.f;
-                acc_s[t][e] = pr;
-                acc_dp[t][e] = pr * (acc_dp[t][e] - sDelta[il]) * dscore;
-            }
-
-        // dV += P^T dO and dK += dS^T Q (this warp's keys and columns).
-#pragma unroll
-        for (int kq = 0; kq < BLOCK_M / 16; ++kq) {
-            u32 ap[4], ad[4];
-            ap[0] = pack2(acc_s[2 * kq][0], acc_s[2 * kq][1]);
-            ap[1] = pack2(acc_s[2 * kq][2], acc_s[2 * kq][3]);
-            ap[2] = pack2(acc_s[2 * kq + 1][0], acc_s[2 * kq + 1][1]);
-            ap[3] = pack2(acc_s[2 * kq + 1][2], acc_s[2 * kq + 1][3]);
-            ad[0] = pack2(acc_dp[2 * kq][0], acc_dp[2 * kq][1]);
-            ad[1] = pack2(acc_dp[2 * kq][2], acc_dp[2 * kq][3]);
-            ad[2] = pack2(acc_dp[2 * kq + 1][0], acc_dp[2 * kq + 1][1]);
-            ad[3] = pack2(acc_dp[2 * kq + 1][2], acc_dp[2 * kq + 1][3]);
-#pragma unroll
-            for (int dp = 0; dp < DTW / 2; ++dp) {
-                u32 bd[4], bq[4];
-                ldsm_x4_t(bd, do_bt + Tile<BLOCK_M>::bytes(kq * 16, dp * 16));
-                ldsm_x4_t(bq, q_bt + Tile<BLOCK_M>::bytes(kq * 16, dp * 16));
-                mma16816(acc_dv[2 * dp], ap, bd);
-                mma16816(acc_dv[2 * dp + 1], ap, bd + 2);
-                mma16816(acc_dk[2 * dp], ad, bq);
-                mma16816(acc_dk[2 * dp + 1], ad, bq + 2);
-            }
-        }
-
-        // dS^T to shared memory (one warp of each key group writes it).
-        if (dpart == 0) {
+        // The query block in sub-steps of SUB_M queries: S^T and dP^T of a sub-step fit the registers that
+        // dK and dV leave; loads, barriers and dQ stay per block. Not unrolled, so they do not overlap.
+#pragma unroll 1
+        for (int q0 = 0; q0 < BLOCK_M; q0 += SUB_M) {
+            // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and queries [q0, q0 + SUB_M).
+            float acc_s[QT][4], acc_dp[QT][4];
 #pragma unroll
             for (int t = 0; t < QT; ++t)
 #pragma unroll
-                for (int hf = 0; hf < 2; ++hf) {
-                    const int r = kg * 16 + lane / 4 + 8 * hf, c = t * 8 + 2 * (lane % 4);
-                    *(u32 *)(sdS + Tile<BLOCK_N, BLOCK_M>::offset(r, c)) = pack2(acc_dp[t][2 * hf], acc_dp[t][2 * hf + 1]);
+                for (int e = 0; e < 4; ++e) acc_s[t][e] = acc_dp[t][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KT; ++kk) {
+                u32 ak[4], av[4];
+                ldsm_x4(ak, k_a + Tile<BLOCK_N>::bytes(0, kk * 16));
+                ldsm_x4(av, v_a + Tile<BLOCK_N>::bytes(0, kk * 16));
+#pragma unroll
+                for (int qp = 0; qp < QT / 2; ++qp) {
+                    u32 bq[4], bd[4];
+                    ldsm_x4(bq, q_b + Tile<BLOCK_M>::bytes(q0 + qp * 16, kk * 16));
+                    ldsm_x4(bd, do_b + Tile<BLOCK_M>::bytes(q0 + qp * 16, kk * 16));
+                    mma16816(acc_s[2 * qp], ak, bq);
+                    mma16816(acc_s[2 * qp + 1], ak, bq + 2);
+                    mma16816(acc_dp[2 * qp], av, bd);
+                    mma16816(acc_dp[2 * qp + 1], av, bd + 2);
                 }
+            }
+
+            // P^T and dS^T in place of S^T and dP^T.
+#pragma unroll
+            for (int t = 0; t < QT; ++t) {
+                // The two query columns this thread holds in tile t: their lse and D in one 8-byte load each.
+                const int c = q0 + t * 8 + 2 * (lane % 4);
+                const float2 lse2 = *(const float2 *)(sLse + c), delta2 = *(const float2 *)(sDelta + c);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = n0 + kg * 16 + lane / 4 + 8 * (e / 2), i = m0 + c + (e % 2);
+                    const float lse = e % 2 ? lse2.y : lse2.x, delta = e % 2 ? delta2.y : delta2.x;
+                    float s = acc_s[t][e], dscore = p.scale, pr;
+                    if (HAS_MOD) {
+                        s = score_mod(p, slope, i + mask.shift - j, s, &dscore);
+                        pr = fast_exp2(s * LOG2E - lse);
+                    } else {
+                        pr = fast_exp2(s * p.scale_log2 - lse);
+                    }
+                    if (need_mask && !mask.visible(i, j)) pr = 0.f;
+                    acc_s[t][e] = pr;
+                    acc_dp[t][e] = pr * (acc_dp[t][e] - delta) * dscore;
+                }
+            }
+
+            // dV += P^T dO and dK += dS^T Q (this warp's keys and columns).
+#pragma unroll
+            for (int kq = 0; kq < SUB_M / 16; ++kq) {
+                u32 ap[4], ad[4];
+                ap[0] = pack2(acc_s[2 * kq][0], acc_s[2 * kq][1]);
+                ap[1] = pack2(acc_s[2 * kq][2], acc_s[2 * kq][3]);
+                ap[2] = pack2(acc_s[2 * kq + 1][0], acc_s[2 * kq + 1][1]);
+                ap[3] = pack2(acc_s[2 * kq + 1][2], acc_s[2 * kq + 1][3]);
+                ad[0] = pack2(acc_dp[2 * kq][0], acc_dp[2 * kq][1]);
+                ad[1] = pack2(acc_dp[2 * kq][2], acc_dp[2 * kq][3]);
+                ad[2] = pack2(acc_dp[2 * kq + 1][0], acc_dp[2 * kq + 1][1]);
+                ad[3] = pack2(acc_dp[2 * kq + 1][2], acc_dp[2 * kq + 1][3]);
+#pragma unroll
+                for (int dp = 0; dp < DTW / 2; ++dp) {
+                    u32 bd[4], bq[4];
+                    ldsm_x4_t(bd, do_bt + Tile<BLOCK_M>::bytes(q0 + kq * 16, dp * 16));
+                    ldsm_x4_t(bq, q_bt + Tile<BLOCK_M>::bytes(q0 + kq * 16, dp * 16));
+                    mma16816(acc_dv[2 * dp], ap, bd);
+                    mma16816(acc_dv[2 * dp + 1], ap, bd + 2);
+                    mma16816(acc_dk[2 * dp], ad, bq);
+                    mma16816(acc_dk[2 * dp + 1], ad, bq + 2);
+                }
+            }
+
+            // dS^T to shared memory (one warp of each key group writes it).
+            if (dpart == 0) {
+#pragma unroll
+                for (int t = 0; t < QT; ++t)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const int r = kg * 16 + lane / 4 + 8 * hf, c = q0 + t * 8 + 2 * (lane % 4);
+                        *(u32 *)(sdS + Tile<BLOCK_N, BLOCK_M>::offset(r, c)) = pack2(acc_dp[t][2 * hf], acc_dp[t][2 * hf + 1]);
+                    }
+            }
         }
-        __syncthreads();
-        // Every read of Q, dO, lse and D is done: the next step's tiles load during dQ.
-        if (st + 1 < steps) load_step(st + 1);
-        cp_async_commit();
+#if BULK_DQ
+        // The previous step's bulk reduction must have read sdQ before it is written again (after this barrier).
+        if (!p.deterministic && threadIdx.x < BLOCK_M) bulk_wait_read();
+#endif
+        __syncthreads();  // dS is complete
 
         // dQ = dS K for query group qg, columns part dqp.
         float acc_dq[DQT][4];
@@ -231,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_dq[t][e] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        for (int kk = 0; kk < (dq_warp ? BLOCK_N / 16 : 0); ++kk) {
             u32 a[4];
             ldsm_x4_t(a, ds_at + Tile<BLOCK_N, BLOCK_M>::bytes(kk * 16, 0));
 #pragma unroll
@@ -261,12 +296,33 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
             __syncthreads();
             __threadfence();
         }
+#if BULK_DQ
+        if (!p.deterministic) {
+            // The tile goes through shared memory to one bulk reduce-add per query row: full 512-byte rows instead
+            // of scattered 4-byte atomics.
+            if (dq_warp) {
+#pragma unroll
+                for (int t = 0; t < DQT; ++t)
+#pragma unroll
+                    for (int hf = 0; hf < 2; ++hf) {
+                        const int il = qg * 16 + lane / 4 + 8 * hf, c = dqp * DQW + t * 8 + 2 * (lane % 4);
+                        *(float2 *)(sdQ + il * (HDIM + DQ_PAD) + c) = make_float2(acc_dq[t][2 * hf], acc_dq[t][2 * hf + 1]);
+                    }
+            }
+            fence_proxy_async();
+            __syncthreads();
+            if (threadIdx.x < BLOCK_M && m0 + (int)threadIdx.x < seq.len_q) {
+                bulk_reduce_add_f32(dq + threadIdx.x * dq_row, smem_addr(sdQ + threadIdx.x * (HDIM + DQ_PAD)), HDIM * 4);
+            }
+            continue;
+        }
+#endif
 #pragma unroll
         for (int t = 0; t < DQT; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int il = qg * 16 + lane / 4 + 8 * (e / 2), c = dqp * DQW + t * 8 + 2 * (lane % 4) + (e % 2);
-                if (m0 + il < seq.len_q) {
+                if (dq_warp && m0 + il < seq.len_q) {
                     float *at = dq + il * dq_row + c;
                     if (p.deterministic) {
                         *at += acc_dq[t][e];
@@ -282,6 +338,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
         }
     }
     cp_async_wait_all();
+#if BULK_DQ
+    if (threadIdx.x < BLOCK_M) bulk_wait_all();
+#endif
 
     // dK and dV of this warp's keys and columns.
     u16 *dk = p.dk + kb * p.dk_batch + (long long)(seq.start_k + n0) * p.dk_row + hk * p.dk_head;

@@ -13,6 +13,9 @@
 #define NT (SUB_N / 8)             // n8 tiles of a sub-block of S
 #define DT (HDIM / 8)              // n8 tiles of O
 #define KT (HDIM / 16)             // k16 steps of Q K^T
+#ifndef S_UNROLL
+#define S_UNROLL KT
+#endif
 
 template <int N>
 DEVICE void cp_async_wait() {
@@ -42,8 +45,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
     const float slope = (HAS_MOD && p.alibi) ? p.alibi[b * p.alibi_batch_stride + h] : 0.f;
 
     const u16 *q = p.q + (p.cu_seqlens_q ? 0 : b * p.q_batch) + (long long)(seq.start_q + m0) * p.q_row + h * p.q_head;
-    const u16 *k = p.k + (p.cu_seqlens_k ? 0 : b * p.k_batch) + (long long)seq.start_k * p.k_row + hk * p.k_head;
-    const u16 *v = p.v + (p.cu_seqlens_k ? 0 : b * p.v_batch) + (long long)seq.start_k * p.v_row + hk * p.v_head;
+    // Row `n` of this head's keys or values (recomputed where used: cheaper than a register held across the loop).
+    auto k_row = [&](int n) { return p.k + (p.cu_seqlens_k ? 0 : b * p.k_batch) + (long long)(seq.start_k + n) * p.k_row + hk * p.k_head; };
+    auto v_row = [&](int n) { return p.v + (p.cu_seqlens_k ? 0 : b * p.v_batch) + (long long)(seq.start_k + n) * p.v_row + hk * p.v_head; };
 
     const int rows_valid = min(BLOCK_M, seq.len_q - m0);
     int n_lo = 0, n_hi = (seq.len_k + BLOCK_N - 1) / BLOCK_N;
@@ -70,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
         }
 
     load_tile<BLOCK_M, NTHREADS>(sQ, q, p.q_row, rows_valid, p.head_dim);
-    if (n_hi > n_lo) load_tile<BLOCK_N, NTHREADS>(sK, k + (long long)(n_hi - 1) * BLOCK_N * p.k_row, p.k_row, seq.len_k - (n_hi - 1) * BLOCK_N, p.head_dim);
+    if (n_hi > n_lo) load_tile<BLOCK_N, NTHREADS>(sK, k_row((n_hi - 1) * BLOCK_N), p.k_row, seq.len_k - (n_hi - 1) * BLOCK_N, p.head_dim);
     cp_async_commit();
 
     // Each lane's ldmatrix addresses: a per-lane base plus compile-time offsets.
@@ -85,10 +89,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
         const int n0 = n_block * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K(n) is in; every warp is done with V(n+1) and the other K buffer
-        load_tile<BLOCK_N, NTHREADS>(sV, v + (long long)n0 * p.v_row, p.v_row, seq.len_k - n0, p.head_dim);
+        load_tile<BLOCK_N, NTHREADS>(sV, v_row(n0), p.v_row, seq.len_k - n0, p.head_dim);
         cp_async_commit();
         if (n_block > n_lo) {
-            load_tile<BLOCK_N, NTHREADS>(sK + (buf ^ 1) * Tile<BLOCK_N>::ELEMS, k + (long long)(n0 - BLOCK_N) * p.k_row, p.k_row, seq.len_k - (n0 - BLOCK_N), p.head_dim);
+            load_tile<BLOCK_N, NTHREADS>(sK + (buf ^ 1) * Tile<BLOCK_N>::ELEMS, k_row(n0 - BLOCK_N), p.k_row, seq.len_k - (n0 - BLOCK_N), p.head_dim);
         }
         cp_async_commit();
         const u32 k_buf = k_lane + buf * 2 * Tile<BLOCK_N>::ELEMS;
@@ -105,7 +109,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
                 for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
-#pragma unroll
+#pragma unroll S_UNROLL
             for (int kk = 0; kk < KT; ++kk) {
                 u32 a[MT][4];
 #pragma unroll
