@@ -14,6 +14,7 @@
 //! # Ok::<(), flashattn::AttnError>(())
 //! ```
 
+pub mod approx;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -1,0 +1,86 @@
+//! Linformer: keys and values projected along the sequence to k rows (K' = E K, V' = F V), then exact softmax
+//! attention against the k projected rows: O = softmax(scale Q K'^T) V'. O(N k d) time, O(N k) memory.
+
+use super::{matmul, HeadInput, HeadResult, Projection, Rng};
+use crate::reference::Real;
+
+/// The two k x seqlen_k projections, E for keys and F for values.
+pub(crate) struct Projections<R> {
+    pub e: Vec<R>,
+    pub f: Vec<R>,
+    pub k: usize,
+}
+
+impl<R: Real> Projections<R> {
+    pub fn new(k: usize, n: usize, kind: Projection, seed: u64) -> Self {
+        let (e, f) = match kind {
+            Projection::Gaussian => {
+                let draw = |seed: u64| {
+                    let mut rng = Rng::new(seed);
+                    let sd = 1.0 / (k as f64).sqrt();
+                    (0..k * n).map(|_| R::of(rng.normal() * sd)).collect::<Vec<R>>()
+                };
+                (draw(seed), draw(seed.wrapping_add(1)))
+            }
+            Projection::Pool => {
+                // Row i averages keys [i n / k, (i + 1) n / k).
+                let mut e = vec![R::ZERO; k * n];
+                for i in 0..k {
+                    let (lo, hi) = (i * n / k, (i + 1) * n / k);
+                    for j in lo..hi {
+                        e[i * n + j] = R::of(1.0 / (hi - lo) as f64);
+                    }
+                }
+                (e.clone(), e)
+            }
+        };
+        Projections { e, f, k }
+    }
+}
+
+/// Scores to probabilities, row by row (rows of `n`).
+pub(crate) fn softmax_rows<R: Real>(s: &mut [R], n: usize) {
+    for row in s.chunks_mut(n.max(1)) {
+        let max = row.iter().copied().fold(R::NEG_INFINITY, |a, b| if b > a { b } else { a });
+        let mut sum = R::ZERO;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        row.iter_mut().for_each(|x| *x = *x / sum);
+    }
+}
+
+/// One query head: the output and, with dout, the gradients.
+pub(crate) fn head<R: Real>(p: &Projections<R>, h: &HeadInput<R>) -> HeadResult<R> {
+    let (d, k, sq, sk) = (h.d, p.k, h.len_q(), h.len_k());
+    let mut kp = vec![R::ZERO; k * d];
+    let mut vp = vec![R::ZERO; k * d];
+    matmul(k, d, sk, &p.e, false, h.k, false, &mut kp, false);
+    matmul(k, d, sk, &p.f, false, h.v, false, &mut vp, false);
+    let mut pr = vec![R::ZERO; sq * k];
+    matmul(sq, k, d, h.q, false, &kp, true, &mut pr, false);
+    pr.iter_mut().for_each(|x| *x = *x * h.scale);
+    softmax_rows(&mut pr, k);
+    let mut out = vec![R::ZERO; sq * d];
+    matmul(sq, d, k, &pr, false, &vp, false, &mut out, false);
+    let Some(dout) = h.dout else { return HeadResult { out, grads: None } };
+
+    // dV' = P^T dO, dP = dO V'^T, dS = P (dP - rowsum(P dP)), dQ = s dS K', dK' = s dS^T Q, dK = E^T dK'.
+    let mut dvp = vec![R::ZERO; k * d];
+    matmul(k, d, sq, &pr, true, dout, false, &mut dvp, false);
+    let mut ds = vec![R::ZERO; sq * k];
+    matmul(sq, k, d, dout, false, &vp, true, &mut ds, false);
+    for (prow, drow) in pr.chunks(k).zip(ds.chunks_mut(k)) {
+        let dot = prow.iter().zip(drow.iter()).fold(R::ZERO, |a, (&x, &y)| a + x * y);
+        drow.iter_mut().zip(prow).for_each(|(g, &x)| *g = x * (*g - dot) * h.scale);
+    }
+    let mut dq = vec![R::ZERO; sq * d];
+    matmul(sq, d, k, &ds, false, &kp, false, &mut dq, false);
+    let mut dkp = vec![R::ZERO; k * d];
+    matmul(k, d, sq, &ds, true, h.q, false, &mut dkp, false);
+    let (mut dk, mut dv) = (vec![R::ZERO; sk * d], vec![R::ZERO; sk * d]);
+    matmul(sk, d, k, &p.e, true, &dkp, false, &mut dk, false);
+    matmul(sk, d, k, &p.f, true, &dvp, false, &mut dv, false);
+    HeadResult { out, grads: Some((dq, dk, dv)) }
+}

@@ -1,0 +1,365 @@
+//! Approximate attention, for comparison with exact attention: Linformer (low-rank projection of keys and values
+//! along the sequence, O(N k d)) and Performer (FAVOR+ positive orthogonal random features, O(N m d)).
+//!
+//! Both take dense batches (q: (batch, seqlen_q, heads_q, d), k and v: (batch, seqlen_k, heads_kv, d)), GQA, and
+//! the softmax scale; Performer also takes the causal mask (through prefix sums). Masks that neither method can
+//! express (Linformer causal, sliding windows, softcap, ALiBi, variable-length batches) are errors, not silent
+//! approximations. They compute in f32 (f64 for the tests) from f32, f16 or bf16 inputs.
+
+pub mod linformer;
+pub mod performer;
+
+use crate::dtype::Element;
+use crate::error::{AttnError, Result};
+use crate::problem::{AttnOptions, Plan};
+use crate::reference::{Real, SharedMut};
+use crate::tensor::TensorRef;
+use rayon::prelude::*;
+use std::fmt;
+
+/// How Linformer projects keys and values along the sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Projection {
+    /// Entries drawn from N(0, 1/k), a Johnson-Lindenstrauss projection.
+    Gaussian,
+    /// Means over k contiguous segments of the sequence: the identity when k = seqlen_k.
+    Pool,
+}
+
+impl std::str::FromStr for Projection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gaussian" => Ok(Projection::Gaussian),
+            "pool" => Ok(Projection::Pool),
+            _ => Err(format!("unknown projection '{s}': expected gaussian or pool")),
+        }
+    }
+}
+
+/// An approximation and its parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    /// Keys and values projected to `k` rows; `seed` draws the projections (Gaussian).
+    Linformer { k: usize, projection: Projection, seed: u64 },
+    /// `features` positive orthogonal random features, drawn from `seed` (a new seed redraws them).
+    Performer { features: usize, seed: u64 },
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Method::Linformer { k, projection, .. } => write!(f, "linformer(k={k}, {projection:?})"),
+            Method::Performer { features, .. } => write!(f, "performer(m={features})"),
+        }
+    }
+}
+
+/// Checks what an approximation can compute and returns the validated plan.
+pub(crate) fn plan<T>(
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    opts: &AttnOptions,
+    method: &Method,
+) -> Result<Plan>
+where
+    T: Element,
+{
+    let unsupported = |what: &str| {
+        Err(AttnError::Unsupported {
+            what: format!("{what} with {method}"),
+            why: "the approximation has no form for it".into(),
+        })
+    };
+    if opts.varlen.is_some() {
+        return unsupported("a variable-length batch");
+    }
+    if opts.window.left.is_some() || (opts.window.right.is_some() && !opts.causal) {
+        return unsupported("a sliding window");
+    }
+    if opts.softcap.is_some() {
+        return unsupported("softcap");
+    }
+    if opts.alibi_slopes.is_some() {
+        return unsupported("ALiBi");
+    }
+    let plan = Plan::new(q, k, v, opts, T::DTYPE)?;
+    match *method {
+        Method::Linformer { .. } if opts.causal => {
+            return Err(AttnError::Unsupported {
+                what: format!("the causal mask with {method}"),
+                why: "a projection along the sequence mixes every key into every row: Linformer has no causal form"
+                    .into(),
+            })
+        }
+        Method::Linformer { k, projection, .. } => {
+            if k == 0 {
+                return Err(AttnError::option("linformer k", "a projection size of at least 1", k));
+            }
+            if projection == Projection::Pool && k > plan.seqlen_k(0) {
+                return Err(AttnError::option(
+                    "linformer k",
+                    format!("at most seqlen_k = {} for pooling", plan.seqlen_k(0)),
+                    k,
+                ));
+            }
+        }
+        Method::Performer { features, .. } => {
+            if features == 0 {
+                return Err(AttnError::option("performer features", "at least 1 random feature", features));
+            }
+        }
+    }
+    if plan.scale() <= 0.0 {
+        return Err(AttnError::option("scale", format!("a positive scale for {method}"), plan.scale()));
+    }
+    Ok(plan)
+}
+
+/// Approximate attention forward on the CPU: the output, q's shape, contiguous.
+pub fn forward<T: Element>(
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    opts: &AttnOptions,
+    method: &Method,
+) -> Result<Vec<T>> {
+    let plan = plan(q, k, v, opts, method)?;
+    let mut out = vec![T::default(); plan.q_numel()];
+    run::<T, f32, _>(&plan, (q, k, v), None, method, Outputs { out: Some(&mut out), grads: None }, |x| {
+        T::from_f32(x as f32)
+    });
+    Ok(out)
+}
+
+/// Approximate attention backward on the CPU (the forward is recomputed): dq, dk, dv.
+pub fn backward<T: Element>(
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    dout: &TensorRef<T>,
+    opts: &AttnOptions,
+    method: &Method,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let plan = plan(q, k, v, opts, method)?;
+    // dout has q's shape (checked as the o and dout of an exact backward would be).
+    plan.check_backward_inputs(dout, plan.lse_len(), dout)?;
+    let (mut dq, mut dk, mut dv) =
+        (vec![T::default(); plan.q_numel()], vec![T::default(); plan.kv_numel()], vec![T::default(); plan.kv_numel()]);
+    run::<T, f32, _>(
+        &plan,
+        (q, k, v),
+        Some(dout),
+        method,
+        Outputs { out: None, grads: Some((&mut dq, &mut dk, &mut dv)) },
+        |x| T::from_f32(x as f32),
+    );
+    Ok((dq, dk, dv))
+}
+
+/// The same computations in f64, for tests: (output, optional (dq, dk, dv)).
+#[doc(hidden)]
+pub fn run_f64<T: Element>(
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    dout: Option<&TensorRef<T>>,
+    opts: &AttnOptions,
+    method: &Method,
+) -> Result<(Vec<f64>, Option<[Vec<f64>; 3]>)> {
+    let plan = plan(q, k, v, opts, method)?;
+    let mut out = vec![0.0; plan.q_numel()];
+    let mut g = dout.map(|_| [vec![0.0; plan.q_numel()], vec![0.0; plan.kv_numel()], vec![0.0; plan.kv_numel()]]);
+    let grads = g.as_mut().map(|[a, b, c]| (&mut a[..], &mut b[..], &mut c[..]));
+    run::<T, f64, _>(&plan, (q, k, v), dout, method, Outputs { out: Some(&mut out), grads }, |x| x);
+    Ok((out, g))
+}
+
+/// Where results go (any element type, converted from f64 by the caller's function).
+pub(crate) struct Outputs<'a, O> {
+    pub out: Option<&'a mut [O]>,
+    pub grads: Option<(&'a mut [O], &'a mut [O], &'a mut [O])>,
+}
+
+/// The result of one query head: its output, and with a gradient its dq and its share of dk and dv.
+pub(crate) struct HeadResult<R> {
+    pub out: Vec<R>,
+    pub grads: Option<(Vec<R>, Vec<R>, Vec<R>)>,
+}
+
+/// One query head's problem in the working precision (rows of `d`): what a method computes on.
+pub(crate) struct HeadInput<'a, R> {
+    pub d: usize,
+    pub scale: R,
+    /// Key `j` is visible to query `i` when `j <= i + shift` (causal), or always (None).
+    pub causal_shift: Option<i64>,
+    pub q: &'a [R],
+    pub k: &'a [R],
+    pub v: &'a [R],
+    pub dout: Option<&'a [R]>,
+}
+
+impl<R: Real> HeadInput<'_, R> {
+    pub fn len_q(&self) -> usize {
+        self.q.len() / self.d
+    }
+    pub fn len_k(&self) -> usize {
+        self.k.len() / self.d
+    }
+}
+
+type Qkv<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
+
+/// Runs a method over every (sequence, key/value head) in parallel, the group's query heads inside, and writes
+/// the results through `conv`.
+fn run<T: Element, R: Real, O: Send>(
+    plan: &Plan,
+    (q, k, v): Qkv<T>,
+    dout: Option<&TensorRef<T>>,
+    method: &Method,
+    outs: Outputs<O>,
+    conv: impl Fn(f64) -> O + Sync,
+) {
+    let d = plan.head_dim;
+    let (sq, sk) = (plan.len_q[0], plan.len_k[0]);
+    let scale = R::of(plan.mask.scale as f64);
+    let causal_shift = plan.mask.causal.then_some(sk as i64 - sq as i64);
+    let head_fn: Box<dyn Fn(&HeadInput<R>) -> HeadResult<R> + Sync> = match *method {
+        Method::Linformer { k, projection, seed } => {
+            let proj = linformer::Projections::<R>::new(k, sk, projection, seed);
+            Box::new(move |h| linformer::head(&proj, h))
+        }
+        Method::Performer { features, seed } => {
+            let w = performer::features::<R>(features, d, seed);
+            Box::new(move |h| performer::head(&w, features, h))
+        }
+    };
+    let out = outs.out.map(|o| SharedMut(o.as_mut_ptr()));
+    let grads =
+        outs.grads.map(|(a, b, c)| (SharedMut(a.as_mut_ptr()), SharedMut(b.as_mut_ptr()), SharedMut(c.as_mut_ptr())));
+    let dout_acc = dout.map(|t| plan.access_like_q(t));
+    let gather = |t: &TensorRef<T>, acc: &crate::problem::Access, seq: usize, head: usize, rows: usize| -> Vec<R> {
+        let mut v = Vec::with_capacity(rows * d);
+        for i in 0..rows {
+            let base = acc.index(seq, i, head);
+            v.extend(t.data[base..base + d].iter().map(|x| R::of(x.to_f32() as f64)));
+        }
+        v
+    };
+    (0..plan.batch * plan.heads_kv).into_par_iter().for_each(|task| {
+        let (seq, hk) = (task / plan.heads_kv, task % plan.heads_kv);
+        let kh = gather(k, &plan.k, seq, hk, sk);
+        let vh = gather(v, &plan.v, seq, hk, sk);
+        let (mut dk, mut dv) = (vec![R::ZERO; sk * d], vec![R::ZERO; sk * d]);
+        for h in hk * plan.group()..(hk + 1) * plan.group() {
+            let qh = gather(q, &plan.q, seq, h, sq);
+            let doh = dout.map(|t| gather(t, dout_acc.as_ref().unwrap(), seq, h, sq));
+            let r = head_fn(&HeadInput { d, scale, causal_shift, q: &qh, k: &kh, v: &vh, dout: doh.as_deref() });
+            for i in 0..sq {
+                let base = plan.o.index(seq, i, h);
+                for c in 0..d {
+                    // SAFETY: this task alone writes the rows of query head h of this sequence.
+                    unsafe {
+                        if let Some(o) = out {
+                            o.write(base + c, conv(r.out[i * d + c].f64()));
+                        }
+                        if let (Some((dq, _, _)), Some((gq, _, _))) = (grads, &r.grads) {
+                            dq.write(base + c, conv(gq[i * d + c].f64()));
+                        }
+                    }
+                }
+            }
+            if let Some((_, gk, gv)) = &r.grads {
+                dk.iter_mut().zip(gk).for_each(|(a, &b)| *a += b);
+                dv.iter_mut().zip(gv).for_each(|(a, &b)| *a += b);
+            }
+        }
+        if let Some((_, gk, gv)) = grads {
+            for j in 0..sk {
+                let base = plan.dkv.index(seq, j, hk);
+                for c in 0..d {
+                    // SAFETY: this task alone writes the rows of key/value head hk of this sequence.
+                    unsafe {
+                        gk.write(base + c, conv(dk[j * d + c].f64()));
+                        gv.write(base + c, conv(dv[j * d + c].f64()));
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// C (m x n) = A B, or C += A B with `accumulate`; A is m x k (stored k x m when `ta`), B is k x n (stored n x k
+/// when `tb`), all row-major.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul<R: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[R],
+    ta: bool,
+    b: &[R],
+    tb: bool,
+    c: &mut [R],
+    accumulate: bool,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].iter_mut().for_each(|x| *x = R::ZERO);
+        }
+        return;
+    }
+    let (a_rs, a_cs) = if ta { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if tb { (1, k) } else { (n, 1) };
+    // SAFETY: the operands hold at least the extents asserted above; gemm reads and writes within them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            R::ONE,
+            R::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// SplitMix64 with Box-Muller: reproducible random projections and features from a seed.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// A standard normal sample.
+    pub fn normal(&mut self) -> f64 {
+        let u = ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let v = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
