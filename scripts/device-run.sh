@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine, from the repository root, with ./stage carried: the GPU tests, the sanitizers, and
-# the benchmark side by side with PyTorch's scaled_dot_product_attention backends. Everything lands in $OUT:
-# log.txt (all output), tests.txt, sanitizer.txt, ours.jsonl, torch.jsonl, summary.md, results.json, bench.png.
+# Runs on the GPU machine, from the repository root, with ./stage carried: the GPU tests, the sanitizers, the
+# benchmark side by side with PyTorch's scaled_dot_product_attention backends, and the comparison with the
+# approximations. Everything lands in $OUT: log.txt (all output), tests.txt, sanitizer.txt, ours.jsonl,
+# torch.jsonl, summary.md, results.json, bench.png; compare.txt and compare.png for the approximations.
 #
-# Environment: STEPS (default "info tests sanitize bench"), SEQLENS, HEAD_DIMS, CASES (property-test cases),
-# PASSES (fwd,bwd), MIN_TIME.
+# Environment: STEPS (default "info tests sanitize bench"; also "compare"), SEQLENS, HEAD_DIMS, CASES
+# (property-test cases), MIN_TIME, COMPARE_SEQLENS.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -75,4 +76,13 @@ if step bench; then
     PYTHONUNBUFFERED=1 python3 scripts/sdpa_bench.py --head-dims "$HEAD_DIMS" --seqlens "$SEQLENS" > "$OUT/torch.jsonl"
     python3 scripts/compare.py "$OUT/ours.jsonl" "$OUT/torch.jsonl" --out "$OUT"
     cat "$OUT/summary.md"
+fi
+
+if step compare; then
+    echo "== exact attention against Linformer and Performer"
+    {
+        $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,4096,16384,65536}" --heads 16 --linformer-k 64,256 --performer-m 64,256 --min-time 0.2 --plot "$OUT/compare.png"
+        $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,4096,16384,65536}" --heads 16 --performer-m 64,256 --min-time 0.2 --causal
+        $FA compare --device cuda --seqlen 4096 --heads 16 --linformer-k 16,64,256,1024 --performer-m 16,64,256,1024 --scale 0.03 --pass fwd --min-time 0.2
+    } 2>&1 | tee "$OUT/compare.txt"
 fi

@@ -2,6 +2,7 @@
 
 mod alloc;
 mod bench;
+mod compare;
 mod device;
 mod npy;
 mod plot;
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Attention on q, k, v from .npy files; writes o, lse (and dq, dk, dv) as f32 .npy.
     Run(run::RunArgs),
+    /// Exact flash attention against Linformer and Performer: time, memory and error against N, k and m.
+    Compare(compare::CompareArgs),
     /// What this machine offers: CPU instruction sets and threads, GPUs, NVRTC and the kernel cache.
     Info,
     /// Compiles every GPU kernel variant with NVRTC (no GPU needed) and reports registers, stack and spills;
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Run(args) => run::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Info => {
             info();
             Ok(())
@@ -98,17 +102,11 @@ fn kernels(args: &KernelsArgs) -> Result<(), String> {
             for r in resources {
                 println!(
                     "{:<28} {:<6} {:<24} {:>5} {:>6} {:>7} {:>7}",
-                    variant.name(),
-                    arch,
-                    r.function,
-                    r.registers,
-                    r.stack_bytes,
-                    r.spill_stores,
-                    r.spill_loads
+                    variant, arch, r.function, r.registers, r.stack_bytes, r.spill_stores, r.spill_loads
                 );
                 let hot = r.function == "flash_fwd" || r.function == "flash_bwd";
                 if hot && (r.stack_bytes > 0 || r.spill_stores > 0 || r.spill_loads > 0) {
-                    bad.push(format!("{} {arch} {}", variant.name(), r.function));
+                    bad.push(format!("{variant} {arch} {}", r.function));
                 }
             }
         })

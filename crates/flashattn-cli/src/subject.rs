@@ -162,7 +162,7 @@ pub fn host(backend: Backend, dtype: DType, shape: Shape, needs_forward_output: 
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::device;
+pub use gpu::{approx_device, device};
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -240,6 +240,48 @@ mod gpu {
         fn workspace_bytes(&self) -> Option<usize> {
             Some(self.gpu.last_workspace_bytes())
         }
+    }
+
+    /// An approximation on a GPU, every tensor resident there.
+    struct Approx {
+        gpu: Arc<Gpu>,
+        shape: Shape,
+        method: flashattn::approx::Method,
+        t: [DeviceTensor; 8],
+    }
+
+    impl Subject for Approx {
+        fn run(&mut self, pass: Pass) -> Result<()> {
+            let opts = self.shape.options();
+            let [q, k, v, dout, out, dq, dk, dv] = &mut self.t;
+            match pass {
+                Pass::Forward => self.gpu.approx_forward((q, k, v), &opts, &self.method, out)?,
+                Pass::Backward => self.gpu.approx_backward((q, k, v), dout, &opts, &self.method, (dq, dk, dv))?,
+            }
+            self.gpu.synchronize()
+        }
+    }
+
+    /// An approximation subject on a GPU: random inputs uploaded once.
+    pub fn approx_device(
+        ordinal: usize,
+        dtype: DType,
+        shape: Shape,
+        method: flashattn::approx::Method,
+    ) -> Result<Box<dyn Subject>> {
+        let gpu = Gpu::open(ordinal)?;
+        let (qs, kvs) = (shape.q_shape(), shape.kv_shape());
+        let t = [
+            random(&gpu, dtype, &qs, 7)?,
+            random(&gpu, dtype, &kvs, 8)?,
+            random(&gpu, dtype, &kvs, 9)?,
+            random(&gpu, dtype, &qs, 10)?,
+            gpu.zeros(dtype, &qs)?,
+            gpu.zeros(dtype, &qs)?,
+            gpu.zeros(dtype, &kvs)?,
+            gpu.zeros(dtype, &kvs)?,
+        ];
+        Ok(Box::new(Approx { gpu, shape, method, t }))
     }
 
     /// A GPU subject: random inputs uploaded once, kernels compiled before timing, and (for the backward) a

@@ -259,6 +259,17 @@ fn rounder<R: Real>(dtype: DType, active: bool) -> impl Fn(R) -> R {
     move |x: R| if active { R::of(dtype.round(x.f64() as f32) as f64) } else { x }
 }
 
+/// The attention weights (softmax of the masked scores, seqlen_q x seqlen_k, in f64) of one query head of one
+/// sequence: what approximations are measured against.
+pub fn weights<T: Element>(plan: &Plan, q: &TensorRef<T>, k: &TensorRef<T>, seq: usize, head: usize) -> Vec<f64> {
+    let (sq, sk, d) = (plan.len_q[seq], plan.len_k[seq], plan.head_dim);
+    let qh = gather::<T, f64>(q, &plan.q, seq, head, sq, d);
+    let kh = gather::<T, f64>(k, &plan.k, seq, head / plan.group(), sk, d);
+    let mut p = scores(plan, seq, head, &qh, &kh, &|x| x).s;
+    softmax(&mut p, sq, sk);
+    p
+}
+
 /// A raw pointer shared by workers that write disjoint elements.
 pub(crate) struct SharedMut<T>(pub *mut T);
 impl<T> Clone for SharedMut<T> {

@@ -6,7 +6,7 @@ mod common;
 use common::{inputs, max_abs, max_err, Case};
 use flashattn::approx::{self, performer, Method, Projection};
 use flashattn::reference::{self, Precision};
-use flashattn::{AttnError, AttnOptions, DType, Plan, TensorRef};
+use flashattn::{AttnError, AttnOptions, Backend, DType, Plan, TensorRef};
 
 fn oracle(case: &Case) -> Vec<f64> {
     let inp = inputs::<f32>(case);
@@ -29,7 +29,9 @@ fn linformer_with_full_rank_pooling_is_exact_attention() {
         approx::run_f64(&inp.q.view(), &inp.k.view(), &inp.v.view(), None, &case.options(), &method).unwrap();
     assert!(max_err(&out, &oracle(&case)) < 1e-12);
     // And in f32 through the public entry point.
-    let o32 = approx::forward(&inp.q.view(), &inp.k.view(), &inp.v.view(), &case.options(), &method).unwrap();
+    let o32 =
+        approx::forward(&inp.q.view(), &inp.k.view(), &inp.v.view(), &case.options(), &method, Backend::cpu().unwrap())
+            .unwrap();
     let o32: Vec<f64> = o32.iter().map(|&x| x as f64).collect();
     assert!(max_err(&o32, &oracle(&case)) < 1e-5);
 }
@@ -39,7 +41,7 @@ fn errors_say_what_the_approximations_cannot_do() {
     let x = vec![0.3f32; 2 * 8 * 2 * 4];
     let t = TensorRef::new(&x, &[2, 8, 2, 4]);
     let lin = Method::Linformer { k: 4, projection: Projection::Gaussian, seed: 1 };
-    let e = approx::forward(&t, &t, &t, &AttnOptions::new().causal(true), &lin).unwrap_err();
+    let e = approx::forward(&t, &t, &t, &AttnOptions::new().causal(true), &lin, Backend::cpu().unwrap()).unwrap_err();
     assert!(matches!(e, AttnError::Unsupported { .. }) && e.to_string().contains("no causal form"), "{e}");
     let e = approx::forward(
         &t,
@@ -47,21 +49,39 @@ fn errors_say_what_the_approximations_cannot_do() {
         &t,
         &AttnOptions::new(),
         &Method::Linformer { k: 9, projection: Projection::Pool, seed: 0 },
+        Backend::cpu().unwrap(),
     )
     .unwrap_err();
     assert!(e.to_string().contains("at most seqlen_k = 8"), "{e}");
-    let e = approx::forward(&t, &t, &t, &AttnOptions::new(), &Method::Performer { features: 0, seed: 0 }).unwrap_err();
+    let e = approx::forward(
+        &t,
+        &t,
+        &t,
+        &AttnOptions::new(),
+        &Method::Performer { features: 0, seed: 0 },
+        Backend::cpu().unwrap(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("at least 1 random feature"), "{e}");
     for opts in [
         AttnOptions::new().softcap(5.0),
         AttnOptions::new().window(Some(2), None),
         AttnOptions::new().alibi_slopes(vec![0.5, 0.25]),
     ] {
-        let e = approx::forward(&t, &t, &t, &opts, &Method::Performer { features: 8, seed: 0 }).unwrap_err();
+        let e =
+            approx::forward(&t, &t, &t, &opts, &Method::Performer { features: 8, seed: 0 }, Backend::cpu().unwrap())
+                .unwrap_err();
         assert!(matches!(e, AttnError::Unsupported { .. }), "{e}");
     }
-    let e = approx::forward(&t, &t, &t, &AttnOptions::new().scale(-1.0), &Method::Performer { features: 8, seed: 0 })
-        .unwrap_err();
+    let e = approx::forward(
+        &t,
+        &t,
+        &t,
+        &AttnOptions::new().scale(-1.0),
+        &Method::Performer { features: 8, seed: 0 },
+        Backend::cpu().unwrap(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("positive scale"), "{e}");
 }
 

@@ -120,3 +120,46 @@ fn gpu_errors() {
     let e = flashattn::forward(&t, &t, &t, &AttnOptions::new(), Backend::Cuda(99)).unwrap_err();
     assert!(e.to_string().contains("GPU 99"), "{e}");
 }
+
+/// Linformer and Performer on the GPU against the same methods on the CPU (same projections and features):
+/// outputs and gradients, f16 and bf16, GQA, causal Performer with a partial last chunk.
+#[test]
+fn gpu_approximations_match_the_cpu() {
+    use flashattn::approx::{self, Method, Projection};
+    let Some(gpu) = gpu("gpu_approximations_match_the_cpu") else { return };
+    let cpu = Backend::cpu().unwrap();
+    let rel = |a: &[f32], b: &[f32]| -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    };
+    let methods = [
+        (Method::Linformer { k: 32, projection: Projection::Gaussian, seed: 5 }, false),
+        (Method::Linformer { k: 40, projection: Projection::Pool, seed: 0 }, false),
+        (Method::Performer { features: 48, seed: 9 }, false),
+        (Method::Performer { features: 48, seed: 9 }, true),
+    ];
+    for (method, causal) in methods {
+        for dtype in [DType::BF16, DType::F16] {
+            let mut case = Case::dense(2, 150, 150, 4, 2, 64);
+            case.causal = causal;
+            case.dtype = dtype;
+            // A small scale keeps the random-feature estimate well conditioned, so both sides agree closely.
+            case.scale = Some(0.05);
+            let inp = inputs::<half::bf16>(&case);
+            let (q, k, v, dout) = (inp.q.view(), inp.k.view(), inp.v.view(), inp.dout.view());
+            let opts = case.options();
+            let f = |x: Vec<half::bf16>| x.into_iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+            let (og, oc) = (
+                f(approx::forward(&q, &k, &v, &opts, &method, gpu).unwrap()),
+                f(approx::forward(&q, &k, &v, &opts, &method, cpu).unwrap()),
+            );
+            assert!(rel(&og, &oc) < 1e-2, "{method} causal={causal} {dtype}: output differs by {}", rel(&og, &oc));
+            let (gq, gk, gv) = approx::backward(&q, &k, &v, &dout, &opts, &method, gpu).unwrap();
+            let (cq, ck, cv) = approx::backward(&q, &k, &v, &dout, &opts, &method, cpu).unwrap();
+            for (name, g, c) in [("dq", f(gq), f(cq)), ("dk", f(gk), f(ck)), ("dv", f(gv), f(cv))] {
+                assert!(rel(&g, &c) < 2e-2, "{method} causal={causal} {dtype}: {name} differs by {}", rel(&g, &c));
+            }
+        }
+    }
+}

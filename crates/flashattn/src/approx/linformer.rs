@@ -84,3 +84,17 @@ pub(crate) fn head<R: Real>(p: &Projections<R>, h: &HeadInput<R>) -> HeadResult<
     matmul(sk, d, k, &p.f, true, &dvp, false, &mut dv, false);
     HeadResult { out, grads: Some((dq, dk, dv)) }
 }
+
+/// The effective weights on the values: softmax(scale Q K'^T) F, seqlen_q x seqlen_k.
+pub(crate) fn weights(p: &Projections<f64>, q: &[f64], k: &[f64], d: usize, scale: f64) -> Vec<f64> {
+    let (sq, sk, r) = (q.len() / d, k.len() / d, p.k);
+    let mut kp = vec![0.0; r * d];
+    matmul(r, d, sk, &p.e, false, k, false, &mut kp, false);
+    let mut pr = vec![0.0; sq * r];
+    matmul(sq, r, d, q, false, &kp, true, &mut pr, false);
+    pr.iter_mut().for_each(|x| *x *= scale);
+    softmax_rows(&mut pr, r);
+    let mut w = vec![0.0; sq * sk];
+    matmul(sq, sk, r, &pr, false, &p.f, false, &mut w, false);
+    w
+}

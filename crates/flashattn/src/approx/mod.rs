@@ -9,11 +9,12 @@
 pub mod linformer;
 pub mod performer;
 
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{AttnError, Result};
 use crate::problem::{AttnOptions, Plan};
 use crate::reference::{Real, SharedMut};
-use crate::tensor::TensorRef;
+use crate::tensor::{TensorLayout, TensorRef};
+use crate::Backend;
 use rayon::prelude::*;
 use std::fmt;
 
@@ -56,16 +57,14 @@ impl fmt::Display for Method {
 }
 
 /// Checks what an approximation can compute and returns the validated plan.
-pub(crate) fn plan<T>(
-    q: &TensorRef<T>,
-    k: &TensorRef<T>,
-    v: &TensorRef<T>,
+pub(crate) fn plan(
+    q: &impl TensorLayout,
+    k: &impl TensorLayout,
+    v: &impl TensorLayout,
     opts: &AttnOptions,
     method: &Method,
-) -> Result<Plan>
-where
-    T: Element,
-{
+    dtype: DType,
+) -> Result<Plan> {
     let unsupported = |what: &str| {
         Err(AttnError::Unsupported {
             what: format!("{what} with {method}"),
@@ -84,7 +83,7 @@ where
     if opts.alibi_slopes.is_some() {
         return unsupported("ALiBi");
     }
-    let plan = Plan::new(q, k, v, opts, T::DTYPE)?;
+    let plan = Plan::new(q, k, v, opts, dtype)?;
     match *method {
         Method::Linformer { .. } if opts.causal => {
             return Err(AttnError::Unsupported {
@@ -117,15 +116,20 @@ where
     Ok(plan)
 }
 
-/// Approximate attention forward on the CPU: the output, q's shape, contiguous.
+/// Approximate attention forward: the output, q's shape, contiguous. `Backend::Cuda` runs on the GPU (f16 and
+/// bf16); any other backend on the CPU.
 pub fn forward<T: Element>(
     q: &TensorRef<T>,
     k: &TensorRef<T>,
     v: &TensorRef<T>,
     opts: &AttnOptions,
     method: &Method,
+    backend: Backend,
 ) -> Result<Vec<T>> {
-    let plan = plan(q, k, v, opts, method)?;
+    if let Backend::Cuda(ordinal) = backend {
+        return cuda_forward(ordinal, (q, k, v), opts, method);
+    }
+    let plan = plan(q, k, v, opts, method, T::DTYPE)?;
     let mut out = vec![T::default(); plan.q_numel()];
     run::<T, f32, _>(&plan, (q, k, v), None, method, Outputs { out: Some(&mut out), grads: None }, |x| {
         T::from_f32(x as f32)
@@ -133,7 +137,8 @@ pub fn forward<T: Element>(
     Ok(out)
 }
 
-/// Approximate attention backward on the CPU (the forward is recomputed): dq, dk, dv.
+/// Approximate attention backward (the forward is recomputed): dq, dk, dv. `Backend::Cuda` runs on the GPU.
+#[allow(clippy::too_many_arguments)]
 pub fn backward<T: Element>(
     q: &TensorRef<T>,
     k: &TensorRef<T>,
@@ -141,8 +146,12 @@ pub fn backward<T: Element>(
     dout: &TensorRef<T>,
     opts: &AttnOptions,
     method: &Method,
+    backend: Backend,
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    let plan = plan(q, k, v, opts, method)?;
+    if let Backend::Cuda(ordinal) = backend {
+        return cuda_backward(ordinal, (q, k, v), dout, opts, method);
+    }
+    let plan = plan(q, k, v, opts, method, T::DTYPE)?;
     // dout has q's shape (checked as the o and dout of an exact backward would be).
     plan.check_backward_inputs(dout, plan.lse_len(), dout)?;
     let (mut dq, mut dk, mut dv) =
@@ -158,7 +167,42 @@ pub fn backward<T: Element>(
     Ok((dq, dk, dv))
 }
 
-/// The same computations in f64, for tests: (output, optional (dq, dk, dv)).
+#[cfg(feature = "cuda")]
+fn cuda_forward<T: Element>(ordinal: usize, qkv: Qkv<T>, opts: &AttnOptions, method: &Method) -> Result<Vec<T>> {
+    crate::cuda::approx_forward_host(ordinal, qkv, opts, method)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backward<T: Element>(
+    ordinal: usize,
+    qkv: Qkv<T>,
+    dout: &TensorRef<T>,
+    opts: &AttnOptions,
+    method: &Method,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    crate::cuda::approx_backward_host(ordinal, qkv, dout, opts, method)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_forward<T: Element>(_: usize, _: Qkv<T>, _: &AttnOptions, _: &Method) -> Result<Vec<T>> {
+    Err(AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backward<T: Element>(
+    _: usize,
+    _: Qkv<T>,
+    _: &TensorRef<T>,
+    _: &AttnOptions,
+    _: &Method,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    Err(AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() })
+}
+
+/// The output and, with a gradient, [dq, dk, dv], in f64.
+pub type F64Results = (Vec<f64>, Option<[Vec<f64>; 3]>);
+
+/// The same computations in f64, for tests.
 #[doc(hidden)]
 pub fn run_f64<T: Element>(
     q: &TensorRef<T>,
@@ -167,13 +211,63 @@ pub fn run_f64<T: Element>(
     dout: Option<&TensorRef<T>>,
     opts: &AttnOptions,
     method: &Method,
-) -> Result<(Vec<f64>, Option<[Vec<f64>; 3]>)> {
-    let plan = plan(q, k, v, opts, method)?;
+) -> Result<F64Results> {
+    let plan = plan(q, k, v, opts, method, T::DTYPE)?;
     let mut out = vec![0.0; plan.q_numel()];
     let mut g = dout.map(|_| [vec![0.0; plan.q_numel()], vec![0.0; plan.kv_numel()], vec![0.0; plan.kv_numel()]]);
     let grads = g.as_mut().map(|[a, b, c]| (&mut a[..], &mut b[..], &mut c[..]));
     run::<T, f64, _>(&plan, (q, k, v), dout, method, Outputs { out: Some(&mut out), grads }, |x| x);
     Ok((out, g))
+}
+
+/// The weights the approximation effectively puts on the values (seqlen_q x seqlen_k, f64) for one query head of
+/// one sequence: Linformer's softmax(s Q K'^T) F, Performer's normalized phi(Q) phi(K)^T. Compared with the exact
+/// weights (`reference::weights`), they show what the approximation gives up beyond the output.
+pub fn weights<T: Element>(
+    q: &TensorRef<T>,
+    k: &TensorRef<T>,
+    v: &TensorRef<T>,
+    opts: &AttnOptions,
+    method: &Method,
+    seq: usize,
+    head: usize,
+) -> Result<Vec<f64>> {
+    let plan = plan(q, k, v, opts, method, T::DTYPE)?;
+    if seq >= plan.batch || head >= plan.heads_q {
+        return Err(AttnError::option(
+            "weights",
+            format!("a sequence below {} and a head below {}", plan.batch, plan.heads_q),
+            format!("({seq}, {head})"),
+        ));
+    }
+    let (d, sq, sk) = (plan.head_dim, plan.len_q[seq], plan.len_k[seq]);
+    let gather = |t: &TensorRef<T>, acc: &crate::problem::Access, h: usize, rows: usize| -> Vec<f64> {
+        (0..rows)
+            .flat_map(|i| {
+                t.data[acc.index(seq, i, h)..acc.index(seq, i, h) + d]
+                    .iter()
+                    .map(|x| x.to_f32() as f64)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let qh = gather(q, &plan.q, head, sq);
+    let kh = gather(k, &plan.k, head / plan.group(), sk);
+    let scale = plan.mask.scale as f64;
+    Ok(match *method {
+        Method::Linformer { k: rank, projection, seed } => {
+            linformer::weights(&linformer::Projections::new(rank, sk, projection, seed), &qh, &kh, d, scale)
+        }
+        Method::Performer { features, seed } => performer::weights(
+            &performer::features(features, d, seed),
+            features,
+            &qh,
+            &kh,
+            d,
+            scale,
+            plan.mask.causal.then_some(sk as i64 - sq as i64),
+        ),
+    })
 }
 
 /// Where results go (any element type, converted from f64 by the caller's function).
@@ -210,6 +304,7 @@ impl<R: Real> HeadInput<'_, R> {
 }
 
 type Qkv<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
+type HeadFn<R> = Box<dyn Fn(&HeadInput<R>) -> HeadResult<R> + Sync>;
 
 /// Runs a method over every (sequence, key/value head) in parallel, the group's query heads inside, and writes
 /// the results through `conv`.
@@ -225,7 +320,7 @@ fn run<T: Element, R: Real, O: Send>(
     let (sq, sk) = (plan.len_q[0], plan.len_k[0]);
     let scale = R::of(plan.mask.scale as f64);
     let causal_shift = plan.mask.causal.then_some(sk as i64 - sq as i64);
-    let head_fn: Box<dyn Fn(&HeadInput<R>) -> HeadResult<R> + Sync> = match *method {
+    let head_fn: HeadFn<R> = match *method {
         Method::Linformer { k, projection, seed } => {
             let proj = linformer::Projections::<R>::new(k, sk, projection, seed);
             Box::new(move |h| linformer::head(&proj, h))

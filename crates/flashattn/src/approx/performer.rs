@@ -16,10 +16,9 @@ pub(crate) fn features<R: Real>(m: usize, d: usize, seed: u64) -> Vec<R> {
         let mut block: Vec<Vec<f64>> = (0..d).map(|_| (0..d).map(|_| rng.normal()).collect()).collect();
         for i in 0..d {
             for j in 0..i {
-                let dot: f64 = (0..d).map(|c| block[i][c] * block[j][c]).sum();
-                for c in 0..d {
-                    block[i][c] -= dot * block[j][c];
-                }
+                let (done, rest) = block.split_at_mut(i);
+                let dot: f64 = rest[0].iter().zip(&done[j]).map(|(a, b)| a * b).sum();
+                rest[0].iter_mut().zip(&done[j]).for_each(|(a, b)| *a -= dot * b);
             }
             let norm = block[i].iter().map(|x| x * x).sum::<f64>().sqrt();
             block[i].iter_mut().for_each(|x| *x /= norm);
@@ -243,4 +242,29 @@ pub fn kernel_estimate(q: &[f64], k: &[f64], d: usize, scale: f64, m: usize, see
     let pq: Vec<Vec<f64>> = q.chunks(d).map(phi).collect();
     let pk: Vec<Vec<f64>> = k.chunks(d).map(phi).collect();
     pq.iter().flat_map(|a| pk.iter().map(move |b| a.iter().zip(b).map(|(x, y)| x * y).sum())).collect()
+}
+
+/// The effective weights: phi(q_i) . phi(k_j) over the visible keys, normalized per row (seqlen_q x seqlen_k).
+pub(crate) fn weights(
+    w: &[f64],
+    m: usize,
+    q: &[f64],
+    k: &[f64],
+    d: usize,
+    scale: f64,
+    causal_shift: Option<i64>,
+) -> Vec<f64> {
+    let (sq, sk) = (q.len() / d, k.len() / d);
+    let (pq, _) = feature_map(w, m, d, q, scale, true);
+    let (pk, _) = feature_map(w, m, d, k, scale, false);
+    let mut a = vec![0.0; sq * sk];
+    matmul(sq, sk, m, &pq, false, &pk, true, &mut a, false);
+    for (i, row) in a.chunks_mut(sk.max(1)).enumerate() {
+        if let Some(shift) = causal_shift {
+            row.iter_mut().enumerate().filter(|(j, _)| *j as i64 > i as i64 + shift).for_each(|(_, x)| *x = 0.0);
+        }
+        let sum: f64 = row.iter().sum();
+        row.iter_mut().for_each(|x| *x = if sum > 0.0 { *x / sum } else { 0.0 });
+    }
+    a
 }

@@ -3,7 +3,7 @@
 use crate::dtype::DType;
 use crate::error::{AttnError, Result};
 
-const COMMON: &str = include_str!("kernels/common.cuh");
+pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 const FWD: &str = include_str!("kernels/flash_fwd.cu");
 const BWD: &str = include_str!("kernels/flash_bwd.cu");
 

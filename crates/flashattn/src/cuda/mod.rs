@@ -2,6 +2,7 @@
 //! present, cached on disk, launched through the driver API. Nothing of CUDA is needed to build; at run time the
 //! driver (libcuda) and NVRTC (libnvrtc) are loaded dynamically, and their absence is an error, never a crash.
 
+mod approx;
 mod blas;
 pub mod compile;
 pub mod kernels;
@@ -95,6 +96,8 @@ pub struct Gpu {
     arch: (i32, i32),
     max_smem: usize,
     loaded: Mutex<HashMap<Variant, Arc<Loaded>>>,
+    /// Auxiliary modules (the approximations' kernels), by name and element type.
+    aux: Mutex<HashMap<(&'static str, DType), Arc<CudaModule>>>,
     /// Device bytes of workspace the last forward or backward allocated.
     workspace: std::sync::atomic::AtomicUsize,
 }
@@ -138,6 +141,7 @@ impl Gpu {
             arch,
             max_smem,
             loaded: Mutex::new(HashMap::new()),
+            aux: Mutex::new(HashMap::new()),
             workspace: Default::default(),
         });
         gpus.insert(ordinal, gpu.clone());
@@ -257,6 +261,27 @@ impl Gpu {
         let loaded = Arc::new(Loaded { _module: module, main, preprocess, convert });
         self.loaded.lock().unwrap().insert(variant, loaded.clone());
         Ok(loaded)
+    }
+
+    /// An auxiliary kernel module (common header + `source`) for one element type, compiled once.
+    fn aux_module(&self, name: &'static str, source: &str, dtype: DType) -> Result<Arc<CudaModule>> {
+        if let Some(m) = self.aux.lock().unwrap().get(&(name, dtype)) {
+            return Ok(m.clone());
+        }
+        let defines = vec![format!("-DELEM_BF16={}", (dtype == DType::BF16) as u8), "-DHDIM=32".to_string()];
+        let compiled = compile::compile(
+            &format!("{name}-{dtype}"),
+            &format!("{}\n{source}", kernels::COMMON),
+            &self.arch_name(),
+            &defines,
+            false,
+        )?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+            .map_err(driver_err("loading a kernel module"))?;
+        self.aux.lock().unwrap().insert((name, dtype), module.clone());
+        Ok(module)
     }
 
     /// Compiles (or loads from the cache) the kernels a problem will use, so that timing excludes it.
@@ -575,6 +600,36 @@ fn gather<'a, T: Element>(t: &'a TensorRef<T>) -> std::borrow::Cow<'a, [T]> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Approximate attention forward on host tensors: uploads, runs, downloads.
+pub(crate) fn approx_forward_host<T: Element>(
+    ordinal: usize,
+    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    opts: &AttnOptions,
+    method: &crate::approx::Method,
+) -> Result<Vec<T>> {
+    let gpu = Gpu::open(ordinal)?;
+    let (gq, gk, gv) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?);
+    let mut out = gpu.zeros(T::DTYPE, &q.shape)?;
+    gpu.approx_forward((&gq, &gk, &gv), opts, method, &mut out)?;
+    gpu.download(&out)
+}
+
+/// Approximate attention backward on host tensors: dq, dk, dv.
+pub(crate) fn approx_backward_host<T: Element>(
+    ordinal: usize,
+    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    dout: &TensorRef<T>,
+    opts: &AttnOptions,
+    method: &crate::approx::Method,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let gpu = Gpu::open(ordinal)?;
+    let (gq, gk, gv, gd) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?, gpu.upload(dout)?);
+    let (mut dq, mut dk, mut dv) =
+        (gpu.zeros(T::DTYPE, &q.shape)?, gpu.zeros(T::DTYPE, &k.shape)?, gpu.zeros(T::DTYPE, &k.shape)?);
+    gpu.approx_backward((&gq, &gk, &gv), &gd, opts, method, (&mut dq, &mut dk, &mut dv))?;
+    Ok((gpu.download(&dq)?, gpu.download(&dk)?, gpu.download(&dv)?))
+}
+
 /// Forward on host tensors: uploads, runs, downloads (the `Backend::Cuda` path).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_host<T: Element>(
@@ -628,7 +683,7 @@ pub(crate) fn backward_host<T: Element>(
 
 /// Compiles every kernel variant for `arch` (no GPU needed), in parallel, with ptxas' resource report; calls
 /// `on_variant` in order with each variant's kernels' registers, stack and spills. Errors on a failed compilation.
-pub fn check_kernels(arch: &str, mut on_variant: impl FnMut(&Variant, &[compile::Resources])) -> Result<()> {
+pub fn check_kernels(arch: &str, mut on_variant: impl FnMut(&str, &[compile::Resources])) -> Result<()> {
     use rayon::prelude::*;
     let variants = Variant::all(arch);
     let reports: Vec<Result<Vec<compile::Resources>>> = variants
@@ -638,7 +693,18 @@ pub fn check_kernels(arch: &str, mut on_variant: impl FnMut(&Variant, &[compile:
         })
         .collect();
     for (v, r) in variants.iter().zip(reports) {
-        on_variant(v, &r?);
+        on_variant(&v.name(), &r?);
+    }
+    for dtype in [DType::BF16, DType::F16] {
+        let defines = vec![format!("-DELEM_BF16={}", (dtype == DType::BF16) as u8), "-DHDIM=32".to_string()];
+        let c = compile::compile(
+            &format!("approx-{dtype}"),
+            &format!("{}\n{}", kernels::COMMON, approx::SOURCE),
+            arch,
+            &defines,
+            true,
+        )?;
+        on_variant(&format!("approx-{dtype}"), &compile::parse_resources(&c.log));
     }
     Ok(())
 }
