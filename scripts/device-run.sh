@@ -12,6 +12,8 @@ mkdir -p "$OUT"
 export PATH=/usr/local/cuda/bin:$PATH
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export FLASHATTN_CACHE_DIR=/tmp/flashattn-cache
+# Charts need a TrueType font; matplotlib carries one.
+export FLASHATTN_FONT=${FLASHATTN_FONT:-$(python3 -c 'import matplotlib, os; print(os.path.join(matplotlib.get_data_path(), "fonts/ttf/DejaVuSans.ttf"))' 2>/dev/null)}
 STEPS=${STEPS:-"info tests sanitize bench"}
 SEQLENS=${SEQLENS:-512,1024,2048,4096,8192,16384}
 HEAD_DIMS=${HEAD_DIMS:-64,128}
@@ -82,7 +84,7 @@ if step compare; then
     echo "== exact attention against Linformer and Performer"
     {
         $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,4096,16384,65536}" --heads 16 --linformer-k 64,256 --performer-m 64,256 --min-time 0.2 --plot "$OUT/compare.png"
-        $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,4096,16384,65536}" --heads 16 --performer-m 64,256 --min-time 0.2 --causal
+        $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,4096,16384,65536}" --heads 16 --performer-m 64,256 --min-time 0.2 --causal --plot "$OUT/compare_causal.png"
         $FA compare --device cuda --seqlen 4096 --heads 16 --linformer-k 16,64,256,1024 --performer-m 16,64,256,1024 --scale 0.03 --pass fwd --min-time 0.2
     } 2>&1 | tee "$OUT/compare.txt"
 fi
