@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use std::fmt;
 
 /// How Linformer projects keys and values along the sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Projection {
     /// Entries drawn from N(0, 1/k), a Johnson-Lindenstrauss projection.
     Gaussian,

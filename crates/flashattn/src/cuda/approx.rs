@@ -5,7 +5,7 @@
 //! the key states across chunks (queries and keys aligned: seqlen_q = seqlen_k).
 
 use super::{driver_err, DeviceTensor, Gpu};
-use crate::approx::{self, linformer::Projections, performer, Method};
+use crate::approx::{self, linformer::Projections, performer, Method, Projection};
 use crate::error::{AttnError, Result};
 use crate::problem::{AttnOptions, Plan};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
@@ -53,6 +53,9 @@ struct Ctx<'g> {
     pq: usize,
     pk: usize,
     d: usize,
+    /// Bytes of the device buffers this call allocated or used from the projection cache: all live until the
+    /// call ends, bar a few intermediates, so their sum bounds the call's peak from above.
+    bytes: std::cell::Cell<usize>,
 }
 
 impl<'g> Ctx<'g> {
@@ -69,15 +72,27 @@ impl<'g> Ctx<'g> {
             pq: round(plan.len_q[0]),
             pk: round(plan.len_k[0]),
             d: plan.head_dim,
+            bytes: Default::default(),
         })
     }
 
+    fn count(&self, elements: usize) {
+        self.bytes.set(self.bytes.get() + elements * std::mem::size_of::<f32>());
+    }
+
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.count(n);
         self.gpu.zeros_f32(n)
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        self.count(host.len());
         self.gpu.stream.clone_htod(host).map_err(driver_err("copying to the GPU"))
+    }
+
+    /// Records the call's device bytes as the GPU's last workspace.
+    fn finish(&self) {
+        self.gpu.workspace.store(self.bytes.get(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn ptr(&self, b: &CudaSlice<f32>) -> Arg {
@@ -153,7 +168,7 @@ impl<'g> Ctx<'g> {
 
     /// (batch, seq, heads_src, d) 16-bit -> (heads, prows, d) f32, query head h reading source head h / group;
     /// padding rows are zero.
-    fn to_f32(&self, t: &DeviceTensor, seq: usize, prows: usize, group: usize) -> Result<CudaSlice<f32>> {
+    fn read_heads(&self, t: &DeviceTensor, seq: usize, prows: usize, group: usize) -> Result<CudaSlice<f32>> {
         let out = self.zeros(self.heads * prows * self.d)?;
         let (sb, ss, sh) = super::params::strides3(&t.strides);
         let p = self.plan;
@@ -175,7 +190,7 @@ impl<'g> Ctx<'g> {
     }
 
     /// (heads, prows, d) f32 -> `dst` (batch, seq, heads / group, d) 16-bit, summing each group of heads.
-    fn from_f32(
+    fn write_heads(
         &self,
         src: &CudaSlice<f32>,
         dst: &mut DeviceTensor,
@@ -230,8 +245,10 @@ impl Gpu {
         super::check_output("out", out, plan.q_shape(), plan.dtype())?;
         let ctx = Ctx::new(self, &plan, if plan.mask.causal { CHUNK } else { 1 })?;
         let inp = self.approx_inputs(&ctx, (q, k, v), None)?;
-        match run(&ctx, &inp, method)? {
-            Produced::Out(o) => ctx.from_f32(&o, out, plan.len_q[0], ctx.pq, 1),
+        let produced = run(&ctx, &inp, method)?;
+        ctx.finish();
+        match produced {
+            Produced::Out(o) => ctx.write_heads(&o, out, plan.len_q[0], ctx.pq, 1),
             Produced::Grads(..) => unreachable!("no gradient was asked for"),
         }
     }
@@ -255,12 +272,14 @@ impl Gpu {
         super::check_output("dv", dv, plan.kv_shape(), plan.dtype())?;
         let ctx = Ctx::new(self, &plan, if plan.mask.causal { CHUNK } else { 1 })?;
         let inp = self.approx_inputs(&ctx, (q, k, v), Some(dout))?;
-        match run(&ctx, &inp, method)? {
+        let produced = run(&ctx, &inp, method)?;
+        ctx.finish();
+        match produced {
             Produced::Grads(gq, gk, gv) => {
                 let group = plan.group();
-                ctx.from_f32(&gq, dq, plan.len_q[0], ctx.pq, 1)?;
-                ctx.from_f32(&gk, dk, plan.len_k[0], ctx.pk, group)?;
-                ctx.from_f32(&gv, dv, plan.len_k[0], ctx.pk, group)
+                ctx.write_heads(&gq, dq, plan.len_q[0], ctx.pq, 1)?;
+                ctx.write_heads(&gk, dk, plan.len_k[0], ctx.pk, group)?;
+                ctx.write_heads(&gv, dv, plan.len_k[0], ctx.pk, group)
             }
             Produced::Out(_) => unreachable!("a gradient was asked for"),
         }
@@ -306,18 +325,40 @@ impl Gpu {
     ) -> Result<Inputs> {
         let (sq, sk, g) = (ctx.plan.len_q[0], ctx.plan.len_k[0], ctx.plan.group());
         Ok(Inputs {
-            q: ctx.to_f32(q, sq, ctx.pq, 1)?,
-            k: ctx.to_f32(k, sk, ctx.pk, g)?,
-            v: ctx.to_f32(v, sk, ctx.pk, g)?,
-            dout: dout.map(|t| ctx.to_f32(t, sq, ctx.pq, 1)).transpose()?,
+            q: ctx.read_heads(q, sq, ctx.pq, 1)?,
+            k: ctx.read_heads(k, sk, ctx.pk, g)?,
+            v: ctx.read_heads(v, sk, ctx.pk, g)?,
+            dout: dout.map(|t| ctx.read_heads(t, sq, ctx.pq, 1)).transpose()?,
         })
     }
+}
+
+/// Linformer's projections on the device, with what they were drawn for.
+pub(super) struct CachedProjections {
+    key: (usize, usize, Projection, u64),
+    ef: Arc<[CudaSlice<f32>; 2]>,
+}
+
+/// E and F for (k, seqlen_k, kind, seed): from the GPU's one-entry cache, or drawn and uploaded.
+fn projections(c: &Ctx, k: usize, projection: Projection, seed: u64) -> Result<Arc<[CudaSlice<f32>; 2]>> {
+    let key = (k, c.plan.len_k[0], projection, seed);
+    c.count(2 * k * key.1);
+    let mut cache = c.gpu.projections.lock().unwrap();
+    if let Some(p) = cache.as_ref().filter(|p| p.key == key) {
+        return Ok(p.ef.clone());
+    }
+    let host = Projections::<f32>::new(k, key.1, projection, seed);
+    let upload = |h: &[f32]| c.gpu.stream.clone_htod(h).map_err(driver_err("copying to the GPU"));
+    let ef = Arc::new([upload(&host.e)?, upload(&host.f)?]);
+    *cache = Some(CachedProjections { key, ef: ef.clone() });
+    Ok(ef)
 }
 
 fn run(ctx: &Ctx, inp: &Inputs, method: &Method) -> Result<Produced> {
     match *method {
         Method::Linformer { k, projection, seed } => {
-            linformer(ctx, inp, &Projections::<f32>::new(k, ctx.plan.len_k[0], projection, seed))
+            let [e, f] = &*projections(ctx, k, projection, seed)?;
+            linformer(ctx, inp, (e, f), k)
         }
         Method::Performer { features, seed } => {
             let root = ctx.plan.scale().sqrt();
@@ -331,15 +372,14 @@ fn run(ctx: &Ctx, inp: &Inputs, method: &Method) -> Result<Produced> {
     }
 }
 
-/// O = softmax(s Q (E K)^T) (F V), and its gradients.
-fn linformer(c: &Ctx, inp: &Inputs, proj: &Projections<f32>) -> Result<Produced> {
-    let (nh, d, r, sq, sk) = (c.heads, c.d, proj.k, c.pq, c.pk);
+/// O = softmax(s Q (E K)^T) (F V), and its gradients; E and F are r x seqlen_k.
+fn linformer(c: &Ctx, inp: &Inputs, (e, f): (&CudaSlice<f32>, &CudaSlice<f32>), r: usize) -> Result<Produced> {
+    let (nh, d, sq, sk) = (c.heads, c.d, c.pq, c.pk);
     let scale = c.plan.scale();
-    let (e, f) = (c.upload(&proj.e)?, c.upload(&proj.f)?);
     let mut kp = c.zeros(nh * r * d)?;
     let mut vp = c.zeros(nh * r * d)?;
-    c.mm((r, d, sk), mat(&e, sk, 0), mat(&inp.k, d, sk * d), &mut kp, (d, r * d), nh, false)?;
-    c.mm((r, d, sk), mat(&f, sk, 0), mat(&inp.v, d, sk * d), &mut vp, (d, r * d), nh, false)?;
+    c.mm((r, d, sk), mat(e, sk, 0), mat(&inp.k, d, sk * d), &mut kp, (d, r * d), nh, false)?;
+    c.mm((r, d, sk), mat(f, sk, 0), mat(&inp.v, d, sk * d), &mut vp, (d, r * d), nh, false)?;
     let mut p = c.zeros(nh * sq * r)?;
     c.mm((sq, r, d), mat(&inp.q, d, sq * d), mat_t(&kp, d, r * d), &mut p, (r, sq * r), nh, false)?;
     c.launch(
@@ -368,8 +408,8 @@ fn linformer(c: &Ctx, inp: &Inputs, proj: &Projections<f32>) -> Result<Produced>
     c.mm((r, d, sq), mat_t(&ds, r, sq * r), mat(&inp.q, d, sq * d), &mut dkp, (d, r * d), nh, false)?;
     let mut dk = c.zeros(nh * sk * d)?;
     let mut dv = c.zeros(nh * sk * d)?;
-    c.mm((sk, d, r), mat_t(&e, sk, 0), mat(&dkp, d, r * d), &mut dk, (d, sk * d), nh, false)?;
-    c.mm((sk, d, r), mat_t(&f, sk, 0), mat(&dvp, d, r * d), &mut dv, (d, sk * d), nh, false)?;
+    c.mm((sk, d, r), mat_t(e, sk, 0), mat(&dkp, d, r * d), &mut dk, (d, sk * d), nh, false)?;
+    c.mm((sk, d, r), mat_t(f, sk, 0), mat(&dvp, d, r * d), &mut dv, (d, sk * d), nh, false)?;
     Ok(Produced::Grads(dq, dk, dv))
 }
 

@@ -3,6 +3,7 @@
 //! driver (libcuda) and NVRTC (libnvrtc) are loaded dynamically, and their absence is an error, never a crash.
 
 mod approx;
+use approx::CachedProjections;
 mod blas;
 pub mod compile;
 pub mod kernels;
@@ -98,6 +99,8 @@ pub struct Gpu {
     loaded: Mutex<HashMap<Variant, Arc<Loaded>>>,
     /// Auxiliary modules (the approximations' kernels), by name and element type.
     aux: Mutex<HashMap<(&'static str, DType), Arc<CudaModule>>>,
+    /// The last Linformer projections uploaded (E, F), by (k, seqlen_k, kind, seed): drawn once, not per call.
+    projections: Mutex<Option<CachedProjections>>,
     /// Device bytes of workspace the last forward or backward allocated.
     workspace: std::sync::atomic::AtomicUsize,
 }
@@ -142,6 +145,7 @@ impl Gpu {
             max_smem,
             loaded: Mutex::new(HashMap::new()),
             aux: Mutex::new(HashMap::new()),
+            projections: Mutex::new(None),
             workspace: Default::default(),
         });
         gpus.insert(ordinal, gpu.clone());
