@@ -199,7 +199,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&ceiling).unwrap());
     } else {
         println!(
-            "{}; {} GEMM {n}^3 ({}, median of 10, the better of start and end of the run): {}",
+            "{}, attention in {dtype}; {} GEMM {n}^3 ({}, median of 10, the better of start and end of the run): {}",
             setup.label,
             ceiling.dtype,
             ceiling.implementation,

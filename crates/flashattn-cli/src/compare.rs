@@ -278,10 +278,10 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
                     }
                 }
                 .map_err(|e| e.to_string())?;
-                // Host memory for the CPU; on a GPU the heap counter sees none of the device's workspace.
+                // Host memory on the CPU; on a GPU, the device buffers the call allocated.
                 let peak_bytes =
                     if device == Device::Cpu && pass == Pass::Forward { peak.max(t.peak_bytes) } else { t.peak_bytes };
-                (row.ms, row.peak_bytes) = (Some(t.ms), (device == Device::Cpu).then_some(peak_bytes));
+                (row.ms, row.peak_bytes) = (Some(t.ms), Some(peak_bytes));
                 (row.out_err, row.attn_err) = (out_err, attn_err);
                 emit(args, &row);
                 rows.push(row);

@@ -260,6 +260,9 @@ mod gpu {
             }
             self.gpu.synchronize()
         }
+        fn workspace_bytes(&self) -> Option<usize> {
+            Some(self.gpu.last_workspace_bytes())
+        }
     }
 
     /// An approximation subject on a GPU: random inputs uploaded once.

@@ -280,3 +280,51 @@ fn bench_table_and_errors() {
     );
     fails(bin().args(["--threads", "0", "info"]).output().unwrap(), "--threads 0");
 }
+
+#[test]
+fn compare_json_plot_and_errors() {
+    let plot = scratch("compare").join("compare.svg");
+    let args = ["compare", "--device", "cpu", "--seqlen", "64,128", "--heads", "2", "--head-dim", "16"];
+    let out = ok(bin()
+        .args(args)
+        .args(["--linformer-k", "8,64", "--performer-m", "16", "--min-time", "0.01", "--json", "--plot"])
+        .arg(&plot)
+        .output()
+        .unwrap());
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // 2 lengths x (exact attention, Linformer k = 8 and 64, Performer m = 16) x 2 passes.
+    assert_eq!(rows.len(), 16, "{out}");
+    for r in &rows {
+        assert!(r["ms"].as_f64().unwrap() > 0.0 && r["peak_bytes"].as_u64().is_some(), "{r}");
+        let err = r["out_err"].as_f64();
+        match (r["impl"].as_str().unwrap(), r["param"].as_u64().unwrap(), r["seqlen"].as_u64().unwrap()) {
+            ("flash", ..) => assert!(err.is_none(), "{r}"),
+            // k = N pooling is the identity: Linformer is exact attention.
+            ("linformer", 64, 64) => assert!(err.unwrap() < 1e-4 && r["attn_err"].as_f64().unwrap() < 1e-4, "{r}"),
+            _ => assert!(err.unwrap() > 1e-3, "an approximation should not be exact: {r}"),
+        }
+    }
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+
+    // Causal: Performer through prefix sums; Linformer, which has no causal form, is left out.
+    let out = ok(bin()
+        .args(args)
+        .args([
+            "--causal",
+            "--linformer-k",
+            "8",
+            "--performer-m",
+            "16",
+            "--pass",
+            "fwd",
+            "--min-time",
+            "0.01",
+            "--json",
+        ])
+        .output()
+        .unwrap());
+    assert!(out.contains("\"performer\"") && !out.contains("\"linformer\""), "{out}");
+
+    fails(bin().args(args).args(["--linformer-k", "0"]).output().unwrap(), "linformer k");
+    fails(bin().args(args).args(["--linformer-k", "100"]).output().unwrap(), "seqlen_k");
+}
