@@ -2,9 +2,10 @@
 # Runs on the GPU machine, from the repository root, with ./stage carried: the GPU tests, the sanitizers, the
 # benchmark side by side with PyTorch's scaled_dot_product_attention backends, and the comparison with the
 # approximations. Everything lands in $OUT: log.txt (all output), tests.txt, sanitizer.txt, ours.jsonl,
-# torch.jsonl, summary.md, results.json, bench.png; compare.txt and compare.png for the approximations.
+# torch.jsonl, summary.md, results.json, bench.png; cpu.jsonl and cpu_summary.md for the CPU against PyTorch's;
+# compare.txt and compare.png for the approximations.
 #
-# Environment: STEPS (default "info tests sanitize bench"; also "compare"), SEQLENS, HEAD_DIMS, CASES
+# Environment: STEPS (default "info tests sanitize bench"; also "cpu" and "compare"), SEQLENS, HEAD_DIMS, CASES
 # (property-test cases), MIN_TIME, COMPARE_SEQLENS.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -80,11 +81,25 @@ if step bench; then
     cat "$OUT/summary.md"
 fi
 
+if step cpu; then
+    echo "== CPU: flash attention on this machine's CPU, side by side with PyTorch's CPU attention"
+    : > "$OUT/cpu.jsonl"
+    for threads in $(nproc) 2; do
+        for cfg in "f32 64" "bf16 128"; do
+            set -- $cfg
+            $FA --threads "$threads" bench --device cpu --dtype "$1" --head-dim "$2" --heads 16 --batch 1 \
+                --seqlen 1024,4096 --impl flash --json | sed "s/^{/{\"threads\":$threads,/" >> "$OUT/cpu.jsonl"
+            python3 scripts/sdpa_cpu_bench.py --threads "$threads" --dtype "$1" --head-dim "$2" --seqlens 1024,4096 >> "$OUT/cpu.jsonl"
+        done
+    done
+    python3 scripts/cpu_summary.py "$OUT/cpu.jsonl" | tee "$OUT/cpu_summary.md"
+fi
+
 if step compare; then
     echo "== exact attention against Linformer and Performer"
     {
-        $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,4096,16384,65536}" --heads 16 --linformer-k 64,256 --performer-m 64,256 --min-time 0.2 --plot "$OUT/compare.png"
-        $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,4096,16384,65536}" --heads 16 --performer-m 64,256 --min-time 0.2 --causal --plot "$OUT/compare_causal.png"
+        $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,2048,4096,8192,16384,32768,65536}" --heads 16 --linformer-k 64,256 --performer-m 64,256 --min-time 0.2 --plot "$OUT/compare.png"
+        $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,2048,4096,8192,16384,32768,65536}" --heads 16 --performer-m 64,256 --min-time 0.2 --causal --plot "$OUT/compare_causal.png"
         $FA compare --device cuda --seqlen 4096 --heads 16 --linformer-k 16,64,256,1024 --performer-m 16,64,256,1024 --scale 0.03 --pass fwd --min-time 0.2
     } 2>&1 | tee "$OUT/compare.txt"
 fi
