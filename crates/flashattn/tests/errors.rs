@@ -172,7 +172,7 @@ fn output_and_backward_input_errors() {
 #[test]
 fn instruction_set_errors() {
     let e = "sse9".parse::<Isa>().unwrap_err();
-    assert!(e.contains("portable, avx2 or avx512"), "{e}");
+    assert!(e.contains("portable, avx2, avx512 or amx"), "{e}");
     for isa in Isa::ALL {
         match isa.require() {
             Ok(i) => assert!(i.is_supported()),

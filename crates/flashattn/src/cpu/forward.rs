@@ -10,16 +10,15 @@ use crate::dtype::Element;
 use crate::problem::Plan;
 use crate::reference::SharedMut;
 use crate::tensor::TensorRef;
+use std::ops::Range;
 
 /// Key/value columns per block of scores.
 pub(crate) const BLOCK_N: usize = 128;
 
-/// A worker's scratch, reused across its tasks.
+/// A worker's scratch, reused across its tasks: the packed operands and the block state.
 #[derive(Default)]
-pub(crate) struct Scratch {
-    kt: Vec<f32>,
-    v: Vec<f32>,
-    q: Vec<f32>,
+pub(crate) struct Scratch<P = F32Operands> {
+    ops: P,
     s: Vec<f32>,
     o: Vec<f32>,
     max: Vec<f32>,
@@ -37,38 +36,144 @@ pub(crate) struct FwdArgs<'a, T> {
     pub lse: SharedMut<f32>,
 }
 
+/// The operands of a task's two block products, packed for one kind of micro-kernel, and the products.
+pub(crate) trait Operands: Default {
+    /// The block buffers (scores, output) hold a multiple of this many rows; rows past the block's stay zero.
+    const ROW_ALIGN: usize = 1;
+    /// Packs the keys and values `keys` of the task's key/value head.
+    fn pack_kv<T: Element>(&mut self, args: &FwdArgs<T>, task: &Task, keys: Range<usize>, nr: usize);
+    /// Packs the query rows `rows` of head `head`.
+    fn pack_q<T: Element>(&mut self, args: &FwdArgs<T>, seq: usize, head: usize, rows: Range<usize>);
+    /// `s (m x ncp, rows BLOCK_N apart) = Q K^T` against the packed keys from `first` on.
+    ///
+    /// # Safety
+    /// The CPU supports `S` and this kind's instructions; `first + ncp` is within the packed keys (padded).
+    unsafe fn scores<S: Simd>(&self, m: usize, ncp: usize, d: usize, first: usize, s: &mut [f32]);
+    /// `o (m x ld) = diag(corr) o + P V`, P the first `nc` columns of the block `s`, against the packed values
+    /// from `first` on.
+    ///
+    /// # Safety
+    /// As for [`Self::scores`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn accumulate<S: Simd>(
+        &mut self,
+        m: usize,
+        nc: usize,
+        ld: usize,
+        first: usize,
+        s: &[f32],
+        o: &mut [f32],
+        corr: &[f32],
+    );
+}
+
+/// f32 operands for the f32 micro-kernel: keys transposed into panels, values and queries row-major.
+#[derive(Default)]
+pub(crate) struct F32Operands {
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+}
+
+impl Operands for F32Operands {
+    fn pack_kv<T: Element>(&mut self, args: &FwdArgs<T>, task: &Task, keys: Range<usize>, nr: usize) {
+        let (plan, d) = (args.plan, args.plan.head_dim);
+        pack::panels(args.k.data, &plan.k, (task.seq, task.head_kv), keys.clone(), d, nr, &mut self.kt);
+        pack::rows(args.v.data, &plan.v, (task.seq, task.head_kv), keys, d, round_up(d, nr), &mut self.v);
+    }
+
+    fn pack_q<T: Element>(&mut self, args: &FwdArgs<T>, seq: usize, head: usize, rows: Range<usize>) {
+        let d = args.plan.head_dim;
+        pack::rows(args.q.data, &args.plan.q, (seq, head), rows, d, d, &mut self.q);
+    }
+
+    #[inline(always)]
+    unsafe fn scores<S: Simd>(&self, m: usize, ncp: usize, d: usize, first: usize, s: &mut [f32]) {
+        let nr = 2 * S::W;
+        unsafe {
+            gemm::<S>(
+                m,
+                ncp,
+                d,
+                MatA { ptr: self.q.as_ptr(), rs: d, cs: 1 },
+                MatB { ptr: self.kt.as_ptr().add(first * d), rs: nr, ps: d * nr },
+                MatC { ptr: s.as_mut_ptr(), rs: BLOCK_N },
+                Update::Set,
+            );
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn accumulate<S: Simd>(
+        &mut self,
+        m: usize,
+        nc: usize,
+        ld: usize,
+        first: usize,
+        s: &[f32],
+        o: &mut [f32],
+        corr: &[f32],
+    ) {
+        unsafe {
+            gemm::<S>(
+                m,
+                ld,
+                nc,
+                MatA { ptr: s.as_ptr(), rs: BLOCK_N, cs: 1 },
+                MatB { ptr: self.v.as_ptr().add(first * ld), rs: ld, ps: 2 * S::W },
+                MatC { ptr: o.as_mut_ptr(), rs: ld },
+                Update::Rescale(corr.as_ptr()),
+            );
+        }
+    }
+}
+
 /// Query rows per block: about 64, a whole number of micro-kernel tiles.
 pub(crate) fn block_m<S: Simd>() -> usize {
     64usize.div_ceil(S::MR) * S::MR
 }
 
-/// Runs one task: the query rows `task.rows` of every query head that shares key/value head `task.head_kv`.
+/// Runs one task with f32 products: the query rows `task.rows` of every query head that shares key/value head
+/// `task.head_kv`.
 ///
 /// # Safety
 /// The CPU supports `S`; no other task writes these rows of `out` and `lse`.
 #[inline(always)]
 pub(crate) unsafe fn task<S: Simd, T: Element>(args: &FwdArgs<T>, task: &Task, scratch: &mut Scratch) {
+    unsafe { task_with::<S, F32Operands, T>(args, task, scratch) }
+}
+
+/// [`task`] with the products of operands `P`.
+///
+/// # Safety
+/// As for [`task`], and the CPU supports `P`'s instructions.
+#[inline(always)]
+pub(crate) unsafe fn task_with<S: Simd, P: Operands, T: Element>(
+    args: &FwdArgs<T>,
+    task: &Task,
+    scratch: &mut Scratch<P>,
+) {
     let plan = args.plan;
     let (d, nr) = (plan.head_dim, 2 * S::W);
     let ld = round_up(d, nr);
     let seq = task.seq;
     let keys = super::task_keys(plan, task);
-    pack::panels(args.k.data, &plan.k, (seq, task.head_kv), keys.clone(), d, nr, &mut scratch.kt);
-    pack::rows(args.v.data, &plan.v, (seq, task.head_kv), keys.clone(), d, ld, &mut scratch.v);
+    scratch.ops.pack_kv(args, task, keys.clone(), nr);
     let bm = block_m::<S>();
     for h in task.head_kv * plan.group()..(task.head_kv + 1) * plan.group() {
         let map = ScoreMap::new(plan, seq, h);
         for r0 in task.rows.clone().step_by(bm) {
             let rows = r0..(r0 + bm).min(task.rows.end);
-            pack::rows(args.q.data, &plan.q, (seq, h), rows.clone(), d, d, &mut scratch.q);
+            scratch.ops.pack_q(args, seq, h, rows.clone());
             let m = rows.len();
-            let o = zeroed(&mut scratch.o, m * ld);
+            let padded = round_up(m, P::ROW_ALIGN);
+            let o = zeroed(&mut scratch.o, padded * ld);
             let max = &mut scratch.max;
             max.clear();
             max.resize(m, f32::NEG_INFINITY);
             zeroed(&mut scratch.sum, m);
             zeroed(&mut scratch.corr, m);
-            let s = zeroed(&mut scratch.s, m * BLOCK_N);
+            let s = zeroed(&mut scratch.s, padded * BLOCK_N);
             // Blocks start on panel boundaries of the packed keys.
             let visible = map.mask.keys_of_rows(rows.clone());
             let visible = visible.start.max(keys.start)..visible.end.min(keys.end);
@@ -77,17 +182,7 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &FwdArgs<T>, task: &Task, s
                 let c1 = (c0 + BLOCK_N).min(visible.end);
                 let (nc, ncp) = (c1 - c0, round_up(c1 - c0, nr));
                 let first = c0 - keys.start;
-                unsafe {
-                    gemm::<S>(
-                        m,
-                        ncp,
-                        d,
-                        MatA { ptr: scratch.q.as_ptr(), rs: d, cs: 1 },
-                        MatB { ptr: scratch.kt.as_ptr().add(first * d), rs: nr, ps: d * nr },
-                        MatC { ptr: s.as_mut_ptr(), rs: BLOCK_N },
-                        Update::Set,
-                    );
-                }
+                unsafe { scratch.ops.scores::<S>(m, ncp, d, first, s) };
                 let full = map.mask.block_is_full(rows.clone(), c0..c1);
                 for r in 0..m {
                     let row = &mut s[r * BLOCK_N..r * BLOCK_N + ncp];
@@ -96,17 +191,7 @@ pub(crate) unsafe fn task<S: Simd, T: Element>(args: &FwdArgs<T>, task: &Task, s
                         scratch.corr[r] = softmax_row::<S>(row, map.pending(), &mut max[r], &mut scratch.sum[r]);
                     }
                 }
-                unsafe {
-                    gemm::<S>(
-                        m,
-                        ld,
-                        nc,
-                        MatA { ptr: s.as_ptr(), rs: BLOCK_N, cs: 1 },
-                        MatB { ptr: scratch.v.as_ptr().add(first * ld), rs: ld, ps: nr },
-                        MatC { ptr: o.as_mut_ptr(), rs: ld },
-                        Update::Rescale(scratch.corr.as_ptr()),
-                    );
-                }
+                unsafe { scratch.ops.accumulate::<S>(m, nc, ld, first, s, o, &scratch.corr) };
                 c0 = c1;
             }
             for r in 0..m {

@@ -1,8 +1,11 @@
 //! Flash attention on the CPU: tiled, online softmax, recomputation in the backward pass, all cores.
 //!
 //! Work is split into tasks of (sequence, key/value head, chunk of rows) run by rayon; each task's inner
-//! kernels are compiled once per instruction set (AVX-512, AVX2+FMA, portable) and picked at run time.
+//! kernels are compiled once per instruction set (AVX-512, AVX2+FMA, portable; AMX for the bf16 forward) and
+//! picked at run time.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod backward;
 mod forward;
 mod gemm;
@@ -36,11 +39,14 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512F.
     Avx512,
+    /// x86-64 AVX-512F with AMX-BF16 tiles: the forward pass of bf16 inputs runs its two products on AMX
+    /// (probabilities rounded to bf16 for the P V product); everything else runs the AVX-512F kernels.
+    Amx,
 }
 
 impl Isa {
     /// Every set, fastest first.
-    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+    pub const ALL: [Isa; 4] = [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Portable];
 
     /// Whether this CPU can run the set.
     pub fn is_supported(self) -> bool {
@@ -50,6 +56,8 @@ impl Isa {
             Isa::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => std::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => amx::is_supported(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -61,13 +69,13 @@ impl Isa {
     }
 
     /// The fastest supported set, unless the environment variable `FLASHATTN_CPU_ISA` names another
-    /// (`portable`, `avx2`, `avx512`): the switch that forces the portable kernels anywhere.
+    /// (`portable`, `avx2`, `avx512`, `amx`): the switch that forces the portable kernels anywhere.
     pub fn detect() -> Result<Isa> {
         match std::env::var("FLASHATTN_CPU_ISA") {
             Ok(name) if !name.is_empty() && name != "auto" => {
-                let isa: Isa = name
-                    .parse()
-                    .map_err(|e: String| AttnError::option("FLASHATTN_CPU_ISA", "auto, portable, avx2 or avx512", e))?;
+                let isa: Isa = name.parse().map_err(|e: String| {
+                    AttnError::option("FLASHATTN_CPU_ISA", "auto, portable, avx2, avx512 or amx", e)
+                })?;
                 isa.require()
             }
             _ => Ok(Isa::supported()[0]),
@@ -91,6 +99,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 }
@@ -108,7 +117,8 @@ impl FromStr for Isa {
             "portable" => Ok(Isa::Portable),
             "avx2" => Ok(Isa::Avx2),
             "avx512" | "avx-512" => Ok(Isa::Avx512),
-            _ => Err(format!("unknown CPU instruction set '{s}': expected portable, avx2 or avx512")),
+            "amx" => Ok(Isa::Amx),
+            _ => Err(format!("unknown CPU instruction set '{s}': expected portable, avx2, avx512 or amx")),
         }
     }
 }
@@ -157,7 +167,7 @@ fn forward_block(isa: Isa) -> usize {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => forward::block_m::<Avx2>(),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => forward::block_m::<Avx512>(),
+        Isa::Avx512 | Isa::Amx => forward::block_m::<Avx512>(),
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!(),
     }
@@ -184,6 +194,16 @@ macro_rules! entry_points {
 entry_points!(forward, FwdArgs, Scratch, fwd_portable, fwd_avx2, fwd_avx512);
 entry_points!(backward, BwdArgs, Scratch, bwd_portable, bwd_avx2, bwd_avx512);
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn fwd_amx<T: Element>(args: &forward::FwdArgs<T>, task: &Task, s: &mut forward::Scratch<amx::AmxOperands>) {
+    unsafe {
+        amx::configure_tiles();
+        forward::task_with::<Avx512, amx::AmxOperands, T>(args, task, s);
+        amx::release_tiles();
+    }
+}
+
 /// Flash forward into `out` (q's shape, contiguous) and `lse`.
 pub(crate) fn forward<T: Element>(
     plan: &Plan,
@@ -199,6 +219,14 @@ pub(crate) fn forward<T: Element>(
     plan.check_output("lse", lse.len(), plan.lse_len())?;
     let args = forward::FwdArgs { plan, q, k, v, out: SharedMut(out.as_mut_ptr()), lse: SharedMut(lse.as_mut_ptr()) };
     let (tasks, _) = tasks(plan, &plan.len_q, &plan.len_k, forward_block(isa));
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && T::DTYPE == crate::dtype::DType::BF16 {
+        tasks.par_iter().for_each_init(forward::Scratch::default, |scratch, task| {
+            // SAFETY: as below.
+            unsafe { fwd_amx(&args, task, scratch) }
+        });
+        return Ok(());
+    }
     tasks.par_iter().for_each_init(forward::Scratch::default, |scratch, task| {
         // SAFETY: the set was checked above; tasks cover disjoint (sequence, head group, rows) of the outputs.
         unsafe {
@@ -207,7 +235,7 @@ pub(crate) fn forward<T: Element>(
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => fwd_avx2(&args, task, scratch),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => fwd_avx512(&args, task, scratch),
+                Isa::Avx512 | Isa::Amx => fwd_avx512(&args, task, scratch),
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!(),
             }
@@ -265,7 +293,7 @@ pub(crate) fn backward<T: Element>(
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => bwd_avx2(&args, task, scratch),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => bwd_avx512(&args, task, scratch),
+                Isa::Avx512 | Isa::Amx => bwd_avx512(&args, task, scratch),
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!(),
             }

@@ -12,9 +12,9 @@ pub(crate) fn round_up(n: usize, m: usize) -> usize {
 
 /// Resizes a scratch buffer to `len` zeroed elements, keeping its allocation.
 #[inline(always)]
-pub(crate) fn zeroed(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+pub(crate) fn zeroed<E: Copy + Default>(buf: &mut Vec<E>, len: usize) -> &mut [E] {
     buf.clear();
-    buf.resize(len, 0.0);
+    buf.resize(len, E::default());
     buf
 }
 
