@@ -220,8 +220,8 @@ fn row_words(d: usize) -> usize {
 impl Operands for AmxOperands {
     const ROW_ALIGN: usize = ROWS;
 
-    fn pack_kv<T: Element>(&mut self, args: &FwdArgs<T>, task: &Task, keys: Range<usize>, nr: usize) {
-        debug_assert_eq!(nr, NR);
+    fn pack_kv<S: Simd, T: Element>(&mut self, args: &FwdArgs<T>, task: &Task, keys: Range<usize>) {
+        debug_assert_eq!(2 * S::W, NR);
         let (plan, d) = (args.plan, args.plan.head_dim);
         let (dw, ld) = (row_words(d), round_up(d, NR));
         let padded = round_up(keys.len(), NR);
@@ -253,8 +253,8 @@ impl Operands for AmxOperands {
     #[inline(always)]
     unsafe fn scores<S: Simd>(&self, m: usize, ncp: usize, d: usize, first: usize, s: &mut [f32]) {
         let dw = row_words(d);
-        // B tile (kc, j): k pairs 16 kc.., keys first + 16 j..; `first` starts a panel, so 16 j picks a panel
-        // (j / 2) and its half (j % 2), which is what `Tiles::at` computes with a panel of 32 keys = 2 tiles.
+        // One product per panel of 32 keys (`first` starts a panel): within it, B tile (kc, j) is k pairs
+        // 16 kc.. of keys 16 j.., j = 0 or 1.
         let a = Tiles { ptr: self.q.as_ptr(), stride: dw, tile_stride: ROWS * dw };
         let panel = dw * NR;
         unsafe {
@@ -277,7 +277,6 @@ impl Operands for AmxOperands {
     #[inline(always)]
     unsafe fn accumulate<S: Simd>(
         &mut self,
-        m: usize,
         nc: usize,
         ld: usize,
         first: usize,
@@ -285,8 +284,9 @@ impl Operands for AmxOperands {
         o: &mut [f32],
         corr: &[f32],
     ) {
+        let m = corr.len();
         let n = round_up(nc, NR);
-        for (r, &f) in corr.iter().enumerate().take(m) {
+        for (r, &f) in corr.iter().enumerate() {
             for x in &mut o[r * ld..(r + 1) * ld] {
                 *x *= f;
             }

@@ -40,8 +40,8 @@ pub(crate) struct FwdArgs<'a, T> {
 pub(crate) trait Operands: Default {
     /// The block buffers (scores, output) hold a multiple of this many rows; rows past the block's stay zero.
     const ROW_ALIGN: usize = 1;
-    /// Packs the keys and values `keys` of the task's key/value head.
-    fn pack_kv<T: Element>(&mut self, args: &FwdArgs<T>, task: &Task, keys: Range<usize>, nr: usize);
+    /// Packs the keys and values `keys` of the task's key/value head, in panels of `2 S::W` keys.
+    fn pack_kv<S: Simd, T: Element>(&mut self, args: &FwdArgs<T>, task: &Task, keys: Range<usize>);
     /// Packs the query rows `rows` of head `head`.
     fn pack_q<T: Element>(&mut self, args: &FwdArgs<T>, seq: usize, head: usize, rows: Range<usize>);
     /// `s (m x ncp, rows BLOCK_N apart) = Q K^T` against the packed keys from `first` on.
@@ -49,15 +49,13 @@ pub(crate) trait Operands: Default {
     /// # Safety
     /// The CPU supports `S` and this kind's instructions; `first + ncp` is within the packed keys (padded).
     unsafe fn scores<S: Simd>(&self, m: usize, ncp: usize, d: usize, first: usize, s: &mut [f32]);
-    /// `o (m x ld) = diag(corr) o + P V`, P the first `nc` columns of the block `s`, against the packed values
-    /// from `first` on.
+    /// `o (m x ld) = diag(corr) o + P V`, with m = `corr.len()` block rows and P the first `nc` columns of the
+    /// block `s`, against the packed values from `first` on.
     ///
     /// # Safety
     /// As for [`Self::scores`].
-    #[allow(clippy::too_many_arguments)]
     unsafe fn accumulate<S: Simd>(
         &mut self,
-        m: usize,
         nc: usize,
         ld: usize,
         first: usize,
@@ -76,8 +74,8 @@ pub(crate) struct F32Operands {
 }
 
 impl Operands for F32Operands {
-    fn pack_kv<T: Element>(&mut self, args: &FwdArgs<T>, task: &Task, keys: Range<usize>, nr: usize) {
-        let (plan, d) = (args.plan, args.plan.head_dim);
+    fn pack_kv<S: Simd, T: Element>(&mut self, args: &FwdArgs<T>, task: &Task, keys: Range<usize>) {
+        let (plan, d, nr) = (args.plan, args.plan.head_dim, 2 * S::W);
         pack::panels(args.k.data, &plan.k, (task.seq, task.head_kv), keys.clone(), d, nr, &mut self.kt);
         pack::rows(args.v.data, &plan.v, (task.seq, task.head_kv), keys, d, round_up(d, nr), &mut self.v);
     }
@@ -106,7 +104,6 @@ impl Operands for F32Operands {
     #[inline(always)]
     unsafe fn accumulate<S: Simd>(
         &mut self,
-        m: usize,
         nc: usize,
         ld: usize,
         first: usize,
@@ -116,7 +113,7 @@ impl Operands for F32Operands {
     ) {
         unsafe {
             gemm::<S>(
-                m,
+                corr.len(),
                 ld,
                 nc,
                 MatA { ptr: s.as_ptr(), rs: BLOCK_N, cs: 1 },
@@ -158,7 +155,7 @@ pub(crate) unsafe fn task_with<S: Simd, P: Operands, T: Element>(
     let ld = round_up(d, nr);
     let seq = task.seq;
     let keys = super::task_keys(plan, task);
-    scratch.ops.pack_kv(args, task, keys.clone(), nr);
+    scratch.ops.pack_kv::<S, T>(args, task, keys.clone());
     let bm = block_m::<S>();
     for h in task.head_kv * plan.group()..(task.head_kv + 1) * plan.group() {
         let map = ScoreMap::new(plan, seq, h);
@@ -191,7 +188,7 @@ pub(crate) unsafe fn task_with<S: Simd, P: Operands, T: Element>(
                         scratch.corr[r] = softmax_row::<S>(row, map.pending(), &mut max[r], &mut scratch.sum[r]);
                     }
                 }
-                unsafe { scratch.ops.accumulate::<S>(m, nc, ld, first, s, o, &scratch.corr) };
+                unsafe { scratch.ops.accumulate::<S>(nc, ld, first, s, o, &scratch.corr) };
                 c0 = c1;
             }
             for r in 0..m {
