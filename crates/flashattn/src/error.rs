@@ -56,4 +56,10 @@ impl AttnError {
     pub(crate) fn shape(tensor: &'static str, expected: impl Into<String>, got: &[usize]) -> Self {
         AttnError::Shape { tensor, expected: expected.into(), got: got.to_vec() }
     }
+
+    /// `Backend::Cuda` asked of a build without the `cuda` feature.
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn cuda_off() -> Self {
+        AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() }
+    }
 }

@@ -32,6 +32,7 @@ pub use problem::{AttnOptions, Plan, VarLen, Window};
 pub use tensor::{TensorLayout, TensorRef};
 
 use std::fmt;
+use tensor::Qkv;
 
 /// Which implementation runs a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,15 +133,15 @@ pub fn forward_into<T: Element>(
 fn run_forward<T: Element>(
     plan: &Plan,
     opts: &AttnOptions,
-    (q, k, v): Inputs<T>,
+    (q, k, v): Qkv<T>,
     backend: Backend,
     out: &mut [T],
     lse: &mut [f32],
 ) -> Result<()> {
+    plan.check_output("out", out.len(), plan.q_numel())?;
+    plan.check_output("lse", lse.len(), plan.lse_len())?;
     match backend {
         Backend::Reference => {
-            plan.check_output("out", out.len(), plan.q_numel())?;
-            plan.check_output("lse", lse.len(), plan.lse_len())?;
             reference::forward_into(
                 plan,
                 (q, k, v),
@@ -152,7 +153,13 @@ fn run_forward<T: Element>(
             Ok(())
         }
         Backend::Cpu(isa) => cpu::forward(plan, isa, q, k, v, out, lse),
-        Backend::Cuda(ordinal) => cuda_forward(ordinal, plan, opts, (q, k, v), out, lse),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(ordinal) => cuda::forward_host(ordinal, plan, (q, k, v), opts, out, lse),
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda(_) => {
+            let _ = opts;
+            Err(AttnError::cuda_off())
+        }
     }
 }
 
@@ -194,87 +201,35 @@ pub fn backward_into<T: Element>(
     run_backward(&plan, opts, (q, k, v), o, lse, dout, backend, (dq, dk, dv))
 }
 
-type Inputs<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
 type GradsMut<'a, T> = (&'a mut [T], &'a mut [T], &'a mut [T]);
 
 #[allow(clippy::too_many_arguments)]
 fn run_backward<T: Element>(
     plan: &Plan,
     opts: &AttnOptions,
-    qkv: Inputs<T>,
+    qkv: Qkv<T>,
     o: &TensorRef<T>,
     lse: &[f32],
     dout: &TensorRef<T>,
     backend: Backend,
     grads: GradsMut<T>,
 ) -> Result<()> {
+    plan.check_backward_inputs(o, lse.len(), dout)?;
+    plan.check_output("dq", grads.0.len(), plan.q_numel())?;
+    plan.check_output("dk", grads.1.len(), plan.kv_numel())?;
+    plan.check_output("dv", grads.2.len(), plan.kv_numel())?;
     match backend {
         Backend::Reference => {
-            plan.check_backward_inputs(o, lse.len(), dout)?;
-            let (dq, dk, dv) = grads;
-            plan.check_output("dq", dq.len(), plan.q_numel())?;
-            plan.check_output("dk", dk.len(), plan.kv_numel())?;
-            plan.check_output("dv", dv.len(), plan.kv_numel())?;
-            reference::backward_into(plan, qkv, dout, reference::Precision::F64, (dq, dk, dv), |x| {
-                T::from_f32(x as f32)
-            });
+            reference::backward_into(plan, qkv, dout, reference::Precision::F64, grads, |x| T::from_f32(x as f32));
             Ok(())
         }
         Backend::Cpu(isa) => cpu::backward(plan, isa, qkv, o, lse, dout, grads),
-        Backend::Cuda(ordinal) => cuda_backward(ordinal, plan, opts, qkv, o, lse, dout, grads),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(ordinal) => cuda::backward_host(ordinal, plan, qkv, o, lse, dout, opts, grads),
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda(_) => {
+            let _ = opts;
+            Err(AttnError::cuda_off())
+        }
     }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_forward<T: Element>(
-    ordinal: usize,
-    plan: &Plan,
-    opts: &AttnOptions,
-    qkv: Inputs<T>,
-    out: &mut [T],
-    lse: &mut [f32],
-) -> Result<()> {
-    cuda::forward_host(ordinal, plan, qkv, opts, out, lse)
-}
-
-#[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
-fn cuda_backward<T: Element>(
-    ordinal: usize,
-    plan: &Plan,
-    opts: &AttnOptions,
-    qkv: Inputs<T>,
-    o: &TensorRef<T>,
-    lse: &[f32],
-    dout: &TensorRef<T>,
-    grads: GradsMut<T>,
-) -> Result<()> {
-    cuda::backward_host(ordinal, plan, qkv, o, lse, dout, opts, grads)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_forward<T: Element>(
-    _: usize,
-    _: &Plan,
-    _: &AttnOptions,
-    _: Inputs<T>,
-    _: &mut [T],
-    _: &mut [f32],
-) -> Result<()> {
-    Err(AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() })
-}
-
-#[cfg(not(feature = "cuda"))]
-#[allow(clippy::too_many_arguments)]
-fn cuda_backward<T: Element>(
-    _: usize,
-    _: &Plan,
-    _: &AttnOptions,
-    _: Inputs<T>,
-    _: &TensorRef<T>,
-    _: &[f32],
-    _: &TensorRef<T>,
-    _: GradsMut<T>,
-) -> Result<()> {
-    Err(AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() })
 }

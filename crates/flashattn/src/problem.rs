@@ -316,20 +316,24 @@ impl Plan {
         lse_len: usize,
         dout: &impl TensorLayout,
     ) -> Result<()> {
-        for (name, t) in [("o", o as &dyn TensorLayout), ("dout", dout)] {
-            if t.shape() != self.q_shape {
-                return Err(AttnError::shape(name, format!("q's shape {:?}", self.q_shape), t.shape()));
-            }
-            if t.strides().len() != t.shape().len() {
-                return Err(stride_error(
-                    name,
-                    t,
-                    format!("expected {} strides, got {}", t.shape().len(), t.strides().len()),
-                ));
-            }
-            check_strides(name, t)?;
-        }
+        self.check_like_q("o", o)?;
+        self.check_like_q("dout", dout)?;
         self.check_output("lse", lse_len, self.lse_len)
+    }
+
+    /// Validates a tensor that must have q's shape (any valid strides).
+    pub(crate) fn check_like_q(&self, name: &'static str, t: &impl TensorLayout) -> Result<()> {
+        if t.shape() != self.q_shape {
+            return Err(AttnError::shape(name, format!("q's shape {:?}", self.q_shape), t.shape()));
+        }
+        if t.strides().len() != t.shape().len() {
+            return Err(stride_error(
+                name,
+                t,
+                format!("expected {} strides, got {}", t.shape().len(), t.strides().len()),
+            ));
+        }
+        check_strides(name, t)
     }
 
     /// The access of o or dout as laid out in the caller's tensor.

@@ -7,7 +7,7 @@
 use crate::dtype::{DType, Element};
 use crate::mask::SeqMask;
 use crate::problem::{Access, Plan};
-use crate::tensor::TensorRef;
+use crate::tensor::{Qkv, TensorRef};
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
@@ -121,8 +121,6 @@ pub fn backward<T: Element>(
     backward_into(plan, (q, k, v), dout, precision, (&mut dq, &mut dk, &mut dv), |x| x);
     RefGradients { dq, dk, dv }
 }
-
-type Qkv<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
 
 /// The forward into outputs of any element type (`conv_o`, `conv_lse` convert from f64).
 pub(crate) fn forward_into<T: Element, O: Send, L: Send>(

@@ -9,6 +9,9 @@ pub struct TensorRef<'a, T> {
     pub strides: Vec<usize>,
 }
 
+/// Borrowed q, k and v.
+pub(crate) type Qkv<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
+
 impl<'a, T> TensorRef<'a, T> {
     /// A row-major (C-contiguous) tensor of the given shape.
     pub fn new(data: &'a [T], shape: &[usize]) -> Self {

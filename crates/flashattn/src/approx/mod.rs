@@ -13,7 +13,7 @@ use crate::dtype::{DType, Element};
 use crate::error::{AttnError, Result};
 use crate::problem::{AttnOptions, Plan};
 use crate::reference::{Real, SharedMut};
-use crate::tensor::{TensorLayout, TensorRef};
+use crate::tensor::{Qkv, TensorLayout, TensorRef};
 use crate::Backend;
 use rayon::prelude::*;
 use std::fmt;
@@ -126,8 +126,12 @@ pub fn forward<T: Element>(
     method: &Method,
     backend: Backend,
 ) -> Result<Vec<T>> {
-    if let Backend::Cuda(ordinal) = backend {
-        return cuda_forward(ordinal, (q, k, v), opts, method);
+    match backend {
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(ordinal) => return crate::cuda::approx_forward_host(ordinal, (q, k, v), opts, method),
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda(_) => return Err(AttnError::cuda_off()),
+        _ => {}
     }
     let plan = plan(q, k, v, opts, method, T::DTYPE)?;
     let mut out = vec![T::default(); plan.q_numel()];
@@ -148,12 +152,15 @@ pub fn backward<T: Element>(
     method: &Method,
     backend: Backend,
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    if let Backend::Cuda(ordinal) = backend {
-        return cuda_backward(ordinal, (q, k, v), dout, opts, method);
+    match backend {
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(ordinal) => return crate::cuda::approx_backward_host(ordinal, (q, k, v), dout, opts, method),
+        #[cfg(not(feature = "cuda"))]
+        Backend::Cuda(_) => return Err(AttnError::cuda_off()),
+        _ => {}
     }
     let plan = plan(q, k, v, opts, method, T::DTYPE)?;
-    // dout has q's shape (checked as the o and dout of an exact backward would be).
-    plan.check_backward_inputs(dout, plan.lse_len(), dout)?;
+    plan.check_like_q("dout", dout)?;
     let (mut dq, mut dk, mut dv) =
         (vec![T::default(); plan.q_numel()], vec![T::default(); plan.kv_numel()], vec![T::default(); plan.kv_numel()]);
     run::<T, f32, _>(
@@ -165,38 +172,6 @@ pub fn backward<T: Element>(
         |x| T::from_f32(x as f32),
     );
     Ok((dq, dk, dv))
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_forward<T: Element>(ordinal: usize, qkv: Qkv<T>, opts: &AttnOptions, method: &Method) -> Result<Vec<T>> {
-    crate::cuda::approx_forward_host(ordinal, qkv, opts, method)
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_backward<T: Element>(
-    ordinal: usize,
-    qkv: Qkv<T>,
-    dout: &TensorRef<T>,
-    opts: &AttnOptions,
-    method: &Method,
-) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    crate::cuda::approx_backward_host(ordinal, qkv, dout, opts, method)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_forward<T: Element>(_: usize, _: Qkv<T>, _: &AttnOptions, _: &Method) -> Result<Vec<T>> {
-    Err(AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_backward<T: Element>(
-    _: usize,
-    _: Qkv<T>,
-    _: &TensorRef<T>,
-    _: &AttnOptions,
-    _: &Method,
-) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    Err(AttnError::Unsupported { what: "the CUDA backend".into(), why: "this build has the `cuda` feature off".into() })
 }
 
 /// The output and, with a gradient, [dq, dk, dv], in f64.
@@ -303,7 +278,6 @@ impl<R: Real> HeadInput<'_, R> {
     }
 }
 
-type Qkv<'a, 'b, T> = (&'a TensorRef<'b, T>, &'a TensorRef<'b, T>, &'a TensorRef<'b, T>);
 type HeadFn<R> = Box<dyn Fn(&HeadInput<R>) -> HeadResult<R> + Sync>;
 
 /// Runs a method over every (sequence, key/value head) in parallel, the group's query heads inside, and writes

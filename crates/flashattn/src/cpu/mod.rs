@@ -20,7 +20,7 @@ use crate::dtype::Element;
 use crate::error::{AttnError, Result};
 use crate::problem::Plan;
 use crate::reference::SharedMut;
-use crate::tensor::TensorRef;
+use crate::tensor::{Qkv, TensorRef};
 use rayon::prelude::*;
 
 use simd_portable::Portable;
@@ -215,8 +215,6 @@ pub(crate) fn forward<T: Element>(
     lse: &mut [f32],
 ) -> Result<()> {
     isa.require()?;
-    plan.check_output("out", out.len(), plan.q_numel())?;
-    plan.check_output("lse", lse.len(), plan.lse_len())?;
     let args = forward::FwdArgs { plan, q, k, v, out: SharedMut(out.as_mut_ptr()), lse: SharedMut(lse.as_mut_ptr()) };
     let (tasks, _) = tasks(plan, &plan.len_q, &plan.len_k, forward_block(isa));
     #[cfg(target_arch = "x86_64")]
@@ -249,17 +247,13 @@ pub(crate) fn forward<T: Element>(
 pub(crate) fn backward<T: Element>(
     plan: &Plan,
     isa: Isa,
-    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    (q, k, v): Qkv<T>,
     o: &TensorRef<T>,
     lse: &[f32],
     dout: &TensorRef<T>,
     (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
 ) -> Result<()> {
     isa.require()?;
-    plan.check_backward_inputs(o, lse.len(), dout)?;
-    plan.check_output("dq", dq.len(), plan.q_numel())?;
-    plan.check_output("dk", dk.len(), plan.kv_numel())?;
-    plan.check_output("dv", dv.len(), plan.kv_numel())?;
     let d = plan.head_dim;
     let (tasks, chunks) = tasks(plan, &plan.len_k, &plan.len_q, forward::BLOCK_N);
     // Row length of the dq slabs: the head dimension padded for the widest micro-kernel tile.

@@ -263,10 +263,7 @@ impl Gpu {
         (dq, dk, dv): (&mut DeviceTensor, &mut DeviceTensor, &mut DeviceTensor),
     ) -> Result<()> {
         let plan = self.approx_plan(q, k, v, opts, method)?;
-        super::check_aligned("dout", dout)?;
-        if dout.shape != plan.q_shape() || dout.dtype != plan.dtype() {
-            return Err(AttnError::shape("dout", format!("q's shape {:?} and type", plan.q_shape()), &dout.shape));
-        }
+        super::check_like_q(&plan, "dout", dout)?;
         super::check_output("dq", dq, plan.q_shape(), plan.dtype())?;
         super::check_output("dk", dk, plan.kv_shape(), plan.dtype())?;
         super::check_output("dv", dv, plan.kv_shape(), plan.dtype())?;

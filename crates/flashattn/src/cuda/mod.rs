@@ -12,7 +12,7 @@ mod params;
 use crate::dtype::{DType, Element};
 use crate::error::{AttnError, Result};
 use crate::problem::{AttnOptions, Plan};
-use crate::tensor::{contiguous_strides, TensorLayout, TensorRef};
+use crate::tensor::{contiguous_strides, Qkv, TensorLayout, TensorRef};
 pub use cudarc::driver::CudaSlice;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -358,16 +358,8 @@ impl Gpu {
                 got: vec![lse.len()],
             });
         }
-        plan.check_backward_inputs(o, plan.lse_len(), dout)?;
-        for (name, t) in [("o", o), ("dout", dout)] {
-            if t.dtype != plan.dtype() {
-                return Err(AttnError::Unsupported {
-                    what: format!("{name} in {}", t.dtype),
-                    why: format!("q is {}", plan.dtype()),
-                });
-            }
-            check_aligned(name, t)?;
-        }
+        check_like_q(&plan, "o", o)?;
+        check_like_q(&plan, "dout", dout)?;
         check_output("dq", dq, plan.q_shape(), plan.dtype())?;
         check_output("dk", dk, plan.kv_shape(), plan.dtype())?;
         check_output("dv", dv, plan.kv_shape(), plan.dtype())?;
@@ -571,6 +563,18 @@ fn check_aligned(name: &'static str, t: &DeviceTensor) -> Result<()> {
     Ok(())
 }
 
+/// A backward input that must be laid out like q: q's shape, valid aligned strides, q's element type.
+fn check_like_q(plan: &Plan, name: &'static str, t: &DeviceTensor) -> Result<()> {
+    plan.check_like_q(name, t)?;
+    if t.dtype != plan.dtype() {
+        return Err(AttnError::Unsupported {
+            what: format!("{name} in {}", t.dtype),
+            why: format!("q is {}", plan.dtype()),
+        });
+    }
+    check_aligned(name, t)
+}
+
 fn check_output(name: &'static str, t: &DeviceTensor, shape: &[usize], dtype: DType) -> Result<()> {
     if t.shape != shape || !t.is_contiguous() || t.dtype != dtype {
         return Err(AttnError::Shape {
@@ -607,7 +611,7 @@ fn gather<'a, T: Element>(t: &'a TensorRef<T>) -> std::borrow::Cow<'a, [T]> {
 /// Approximate attention forward on host tensors: uploads, runs, downloads.
 pub(crate) fn approx_forward_host<T: Element>(
     ordinal: usize,
-    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    (q, k, v): Qkv<T>,
     opts: &AttnOptions,
     method: &crate::approx::Method,
 ) -> Result<Vec<T>> {
@@ -621,7 +625,7 @@ pub(crate) fn approx_forward_host<T: Element>(
 /// Approximate attention backward on host tensors: dq, dk, dv.
 pub(crate) fn approx_backward_host<T: Element>(
     ordinal: usize,
-    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    (q, k, v): Qkv<T>,
     dout: &TensorRef<T>,
     opts: &AttnOptions,
     method: &crate::approx::Method,
@@ -639,13 +643,11 @@ pub(crate) fn approx_backward_host<T: Element>(
 pub(crate) fn forward_host<T: Element>(
     ordinal: usize,
     plan: &Plan,
-    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    (q, k, v): Qkv<T>,
     opts: &AttnOptions,
     out: &mut [T],
     lse: &mut [f32],
 ) -> Result<()> {
-    plan.check_output("out", out.len(), plan.q_numel())?;
-    plan.check_output("lse", lse.len(), plan.lse_len())?;
     let gpu = Gpu::open(ordinal)?;
     let (dq, dk, dv) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?);
     let mut o = gpu.zeros(T::DTYPE, plan.q_shape())?;
@@ -661,17 +663,13 @@ pub(crate) fn forward_host<T: Element>(
 pub(crate) fn backward_host<T: Element>(
     ordinal: usize,
     plan: &Plan,
-    (q, k, v): (&TensorRef<T>, &TensorRef<T>, &TensorRef<T>),
+    (q, k, v): Qkv<T>,
     o: &TensorRef<T>,
     lse: &[f32],
     dout: &TensorRef<T>,
     opts: &AttnOptions,
     (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
 ) -> Result<()> {
-    plan.check_backward_inputs(o, lse.len(), dout)?;
-    plan.check_output("dq", dq.len(), plan.q_numel())?;
-    plan.check_output("dk", dk.len(), plan.kv_numel())?;
-    plan.check_output("dv", dv.len(), plan.kv_numel())?;
     let gpu = Gpu::open(ordinal)?;
     let (gq, gk, gv, go, gd) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?, gpu.upload(o)?, gpu.upload(dout)?);
     let gl = gpu.stream.clone_htod(lse).map_err(driver_err("copying to the GPU"))?;
