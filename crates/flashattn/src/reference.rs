@@ -160,7 +160,7 @@ pub fn scratch_bytes(seqlen_q: usize, seqlen_k: usize, softcap: bool) -> usize {
 }
 
 /// One head's rows, gathered in the working precision: `rows x head_dim`.
-fn gather<T: Element, R: Real>(
+pub(crate) fn gather<T: Element, R: Real>(
     t: &TensorRef<T>,
     acc: &Access,
     seq: usize,
@@ -176,7 +176,7 @@ fn gather<T: Element, R: Real>(
     out
 }
 
-fn dot<R: Real>(a: &[R], b: &[R]) -> R {
+pub(crate) fn dot<R: Real>(a: &[R], b: &[R]) -> R {
     // Eight independent partial sums: vectorizes, and is as exact as a sequential sum for the oracle's needs.
     let mut acc = [R::ZERO; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -233,7 +233,7 @@ fn scores<R: Real>(plan: &Plan, seq: usize, head: usize, qh: &[R], kh: &[R], rnd
 }
 
 /// Turns masked scores into normalized probabilities in place; returns each row's log-sum-exp.
-fn softmax<R: Real>(s: &mut [R], sq: usize, sk: usize) -> Vec<R> {
+pub(crate) fn softmax<R: Real>(s: &mut [R], sq: usize, sk: usize) -> Vec<R> {
     let mut lse = vec![R::NEG_INFINITY; sq];
     for i in 0..sq {
         let row = &mut s[i * sk..(i + 1) * sk];

@@ -2,7 +2,7 @@
 //! attention against the k projected rows: O = softmax(scale Q K'^T) V'. O(N k d) time, O(N k) memory.
 
 use super::{matmul, HeadInput, HeadResult, Projection, Rng};
-use crate::reference::Real;
+use crate::reference::{dot, softmax, Real};
 
 /// The two k x seqlen_k projections, E for keys and F for values.
 pub(crate) struct Projections<R> {
@@ -38,19 +38,6 @@ impl<R: Real> Projections<R> {
     }
 }
 
-/// Scores to probabilities, row by row (rows of `n`).
-pub(crate) fn softmax_rows<R: Real>(s: &mut [R], n: usize) {
-    for row in s.chunks_mut(n.max(1)) {
-        let max = row.iter().copied().fold(R::NEG_INFINITY, |a, b| if b > a { b } else { a });
-        let mut sum = R::ZERO;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        row.iter_mut().for_each(|x| *x = *x / sum);
-    }
-}
-
 /// One query head: the output and, with dout, the gradients.
 pub(crate) fn head<R: Real>(p: &Projections<R>, h: &HeadInput<R>) -> HeadResult<R> {
     let (d, k, sq, sk) = (h.d, p.k, h.len_q(), h.len_k());
@@ -61,9 +48,12 @@ pub(crate) fn head<R: Real>(p: &Projections<R>, h: &HeadInput<R>) -> HeadResult<
     let mut pr = vec![R::ZERO; sq * k];
     matmul(sq, k, d, h.q, false, &kp, true, &mut pr, false);
     pr.iter_mut().for_each(|x| *x = *x * h.scale);
-    softmax_rows(&mut pr, k);
-    let mut out = vec![R::ZERO; sq * d];
-    matmul(sq, d, k, &pr, false, &vp, false, &mut out, false);
+    softmax(&mut pr, sq, k);
+    let mut out = Vec::new();
+    if h.want_out {
+        out = vec![R::ZERO; sq * d];
+        matmul(sq, d, k, &pr, false, &vp, false, &mut out, false);
+    }
     let Some(dout) = h.dout else { return HeadResult { out, grads: None } };
 
     // dV' = P^T dO, dP = dO V'^T, dS = P (dP - rowsum(P dP)), dQ = s dS K', dK' = s dS^T Q, dK = E^T dK'.
@@ -72,8 +62,8 @@ pub(crate) fn head<R: Real>(p: &Projections<R>, h: &HeadInput<R>) -> HeadResult<
     let mut ds = vec![R::ZERO; sq * k];
     matmul(sq, k, d, dout, false, &vp, true, &mut ds, false);
     for (prow, drow) in pr.chunks(k).zip(ds.chunks_mut(k)) {
-        let dot = prow.iter().zip(drow.iter()).fold(R::ZERO, |a, (&x, &y)| a + x * y);
-        drow.iter_mut().zip(prow).for_each(|(g, &x)| *g = x * (*g - dot) * h.scale);
+        let pd = dot(prow, drow);
+        drow.iter_mut().zip(prow).for_each(|(g, &x)| *g = x * (*g - pd) * h.scale);
     }
     let mut dq = vec![R::ZERO; sq * d];
     matmul(sq, d, k, &ds, false, &kp, false, &mut dq, false);
@@ -93,7 +83,7 @@ pub(crate) fn weights(p: &Projections<f64>, q: &[f64], k: &[f64], d: usize, scal
     let mut pr = vec![0.0; sq * r];
     matmul(sq, r, d, q, false, &kp, true, &mut pr, false);
     pr.iter_mut().for_each(|x| *x *= scale);
-    softmax_rows(&mut pr, r);
+    softmax(&mut pr, sq, r);
     let mut w = vec![0.0; sq * sk];
     matmul(sq, sk, r, &pr, false, &p.f, false, &mut w, false);
     w

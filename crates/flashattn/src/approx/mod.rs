@@ -12,7 +12,7 @@ pub mod performer;
 use crate::dtype::{DType, Element};
 use crate::error::{AttnError, Result};
 use crate::problem::{AttnOptions, Plan};
-use crate::reference::{Real, SharedMut};
+use crate::reference::{gather, Real, SharedMut};
 use crate::tensor::{Qkv, TensorLayout, TensorRef};
 use crate::Backend;
 use rayon::prelude::*;
@@ -216,18 +216,8 @@ pub fn weights<T: Element>(
         ));
     }
     let (d, sq, sk) = (plan.head_dim, plan.len_q[seq], plan.len_k[seq]);
-    let gather = |t: &TensorRef<T>, acc: &crate::problem::Access, h: usize, rows: usize| -> Vec<f64> {
-        (0..rows)
-            .flat_map(|i| {
-                t.data[acc.index(seq, i, h)..acc.index(seq, i, h) + d]
-                    .iter()
-                    .map(|x| x.to_f32() as f64)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    };
-    let qh = gather(q, &plan.q, head, sq);
-    let kh = gather(k, &plan.k, head / plan.group(), sk);
+    let qh = gather::<T, f64>(q, &plan.q, seq, head, sq, d);
+    let kh = gather::<T, f64>(k, &plan.k, seq, head / plan.group(), sk, d);
     let scale = plan.mask.scale as f64;
     Ok(match *method {
         Method::Linformer { k: rank, projection, seed } => {
@@ -251,7 +241,8 @@ pub(crate) struct Outputs<'a, O> {
     pub grads: Option<(&'a mut [O], &'a mut [O], &'a mut [O])>,
 }
 
-/// The result of one query head: its output, and with a gradient its dq and its share of dk and dv.
+/// The result of one query head: its output (empty unless `want_out` or needed anyway), and with a gradient its
+/// dq and its share of dk and dv.
 pub(crate) struct HeadResult<R> {
     pub out: Vec<R>,
     pub grads: Option<(Vec<R>, Vec<R>, Vec<R>)>,
@@ -267,6 +258,8 @@ pub(crate) struct HeadInput<'a, R> {
     pub k: &'a [R],
     pub v: &'a [R],
     pub dout: Option<&'a [R]>,
+    /// Whether the caller reads the output (a backward alone does not).
+    pub want_out: bool,
 }
 
 impl<R: Real> HeadInput<'_, R> {
@@ -308,23 +301,17 @@ fn run<T: Element, R: Real, O: Send>(
     let grads =
         outs.grads.map(|(a, b, c)| (SharedMut(a.as_mut_ptr()), SharedMut(b.as_mut_ptr()), SharedMut(c.as_mut_ptr())));
     let dout_acc = dout.map(|t| plan.access_like_q(t));
-    let gather = |t: &TensorRef<T>, acc: &crate::problem::Access, seq: usize, head: usize, rows: usize| -> Vec<R> {
-        let mut v = Vec::with_capacity(rows * d);
-        for i in 0..rows {
-            let base = acc.index(seq, i, head);
-            v.extend(t.data[base..base + d].iter().map(|x| R::of(x.to_f32() as f64)));
-        }
-        v
-    };
+    let want_out = out.is_some();
     (0..plan.batch * plan.heads_kv).into_par_iter().for_each(|task| {
         let (seq, hk) = (task / plan.heads_kv, task % plan.heads_kv);
-        let kh = gather(k, &plan.k, seq, hk, sk);
-        let vh = gather(v, &plan.v, seq, hk, sk);
+        let kh = gather(k, &plan.k, seq, hk, sk, d);
+        let vh = gather(v, &plan.v, seq, hk, sk, d);
         let (mut dk, mut dv) = (vec![R::ZERO; sk * d], vec![R::ZERO; sk * d]);
         for h in hk * plan.group()..(hk + 1) * plan.group() {
-            let qh = gather(q, &plan.q, seq, h, sq);
-            let doh = dout.map(|t| gather(t, dout_acc.as_ref().unwrap(), seq, h, sq));
-            let r = head_fn(&HeadInput { d, scale, causal_shift, q: &qh, k: &kh, v: &vh, dout: doh.as_deref() });
+            let qh = gather(q, &plan.q, seq, h, sq, d);
+            let doh = dout.map(|t| gather(t, dout_acc.as_ref().unwrap(), seq, h, sq, d));
+            let input = HeadInput { d, scale, causal_shift, q: &qh, k: &kh, v: &vh, dout: doh.as_deref(), want_out };
+            let r = head_fn(&input);
             for i in 0..sq {
                 let base = plan.o.index(seq, i, h);
                 for c in 0..d {

@@ -5,7 +5,7 @@
 //! prefix sums over the keys. Stabilizers (a max per query row, one max over all keys) cancel in the ratio.
 
 use super::{matmul, HeadInput, HeadResult, Rng};
-use crate::reference::Real;
+use crate::reference::{dot, Real};
 
 /// `m` random features of dimension `d` (m x d, row-major): orthogonal within each block of d rows.
 pub(crate) fn features<R: Real>(m: usize, d: usize, seed: u64) -> Vec<R> {
@@ -78,20 +78,33 @@ pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R
     let (d, sq, sk) = (h.d, h.len_q(), h.len_k());
     let (pq, qt) = feature_map(w, m, d, h.q, h.scale, true);
     let (pk, kt) = feature_map(w, m, d, h.k, h.scale, false);
-    // Per query: num (d) and den from the state of the keys it sees.
+    // Per query: num (d) and den from the key state (KV = phiK^T V, z = phiK^T 1) it sees; O = num / den. With a
+    // gradient, dnum = dO / den, dden = -(dO . O) / den, and dphiQ = KV dnum + z dden.
     let mut num = vec![R::ZERO; sq * d];
-    let mut den = vec![R::ZERO; sq];
-    match h.causal_shift {
+    let mut out = vec![R::ZERO; sq * d];
+    let mut dnum = vec![R::ZERO; if h.dout.is_some() { sq * d } else { 0 }];
+    let mut dden = vec![R::ZERO; sq];
+    let mut dpq = vec![R::ZERO; if h.dout.is_some() { sq * m } else { 0 }];
+    // The full key state, for every query alike (no mask): also what the backward reuses.
+    let full_state = match h.causal_shift {
         None => {
             let mut kv = vec![R::ZERO; m * d];
             matmul(m, d, sk, &pk, true, h.v, false, &mut kv, false);
             let z = column_sums(&pk, m);
             matmul(sq, d, m, &pq, false, &kv, false, &mut num, false);
             for i in 0..sq {
-                den[i] = dot(&pq[i * m..(i + 1) * m], &z);
+                let g = h.dout.map(|g| (&g[i * d..(i + 1) * d], &mut dnum[i * d..(i + 1) * d]));
+                dden[i] = output_row(
+                    &num[i * d..(i + 1) * d],
+                    dot(&pq[i * m..(i + 1) * m], &z),
+                    &mut out[i * d..(i + 1) * d],
+                    g,
+                );
             }
+            Some((kv, z))
         }
         Some(shift) => {
+            // Prefix sums over the keys; dphiQ needs the state each query saw, so it is taken in the same scan.
             let (mut kv, mut z) = (vec![R::ZERO; m * d], vec![R::ZERO; m]);
             let mut next = 0;
             for i in 0..sq {
@@ -100,42 +113,28 @@ pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R
                     next += 1;
                 }
                 let pqi = &pq[i * m..(i + 1) * m];
-                matvec_t(&kv, pqi, &mut num[i * d..(i + 1) * d]);
-                den[i] = dot(pqi, &z);
+                let num_i = &mut num[i * d..(i + 1) * d];
+                matvec_t(&kv, pqi, num_i);
+                let g = h.dout.map(|g| (&g[i * d..(i + 1) * d], &mut dnum[i * d..(i + 1) * d]));
+                dden[i] = output_row(num_i, dot(pqi, &z), &mut out[i * d..(i + 1) * d], g);
+                if h.dout.is_some() {
+                    let row = &mut dpq[i * m..(i + 1) * m];
+                    matvec(&kv, &dnum[i * d..(i + 1) * d], row);
+                    row.iter_mut().zip(&z).for_each(|(g, &zr)| *g += zr * dden[i]);
+                }
             }
+            None
         }
+    };
+    if h.dout.is_none() {
+        return HeadResult { out, grads: None };
     }
-    let mut out = vec![R::ZERO; sq * d];
-    for i in 0..sq {
-        if den[i] > R::ZERO {
-            for c in 0..d {
-                out[i * d + c] = num[i * d + c] / den[i];
-            }
-        }
-    }
-    let Some(dout) = h.dout else { return HeadResult { out, grads: None } };
 
-    // O = num / den: dnum = dO / den, dden = -(dO . O) / den.
-    let mut dnum = vec![R::ZERO; sq * d];
-    let mut dden = vec![R::ZERO; sq];
-    for i in 0..sq {
-        if den[i] > R::ZERO {
-            let g = &dout[i * d..(i + 1) * d];
-            for c in 0..d {
-                dnum[i * d + c] = g[c] / den[i];
-            }
-            dden[i] = -(dot(g, &out[i * d..(i + 1) * d])) / den[i];
-        }
-    }
-    let mut dpq = vec![R::ZERO; sq * m];
     let mut dpk = vec![R::ZERO; sk * m];
     let mut dv = vec![R::ZERO; sk * d];
-    match h.causal_shift {
-        None => {
+    match (full_state, h.causal_shift) {
+        (Some((kv, z)), _) => {
             // num = phiQ KV, den = phiQ z: dphiQ = dnum KV^T + dden z^T; dKV = phiQ^T dnum; dz = phiQ^T dden.
-            let mut kv = vec![R::ZERO; m * d];
-            matmul(m, d, sk, &pk, true, h.v, false, &mut kv, false);
-            let z = column_sums(&pk, m);
             matmul(sq, m, d, &dnum, false, &kv, true, &mut dpq, false);
             for i in 0..sq {
                 for r in 0..m {
@@ -155,20 +154,9 @@ pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R
             }
             matmul(sk, d, m, &pk, false, &dkv, false, &mut dv, false);
         }
-        Some(shift) => {
-            // Forward scan: dphiQ_i = KV_i dnum_i + z_i dden_i with the state each query saw.
-            let (mut kv, mut z) = (vec![R::ZERO; m * d], vec![R::ZERO; m]);
-            let mut next = 0;
-            for i in 0..sq {
-                while next < sk && next as i64 <= i as i64 + shift {
-                    add_outer(&mut kv, &mut z, &pk[next * m..(next + 1) * m], &h.v[next * d..(next + 1) * d], R::ONE);
-                    next += 1;
-                }
-                let row = &mut dpq[i * m..(i + 1) * m];
-                matvec(&kv, &dnum[i * d..(i + 1) * d], row);
-                row.iter_mut().zip(&z).for_each(|(g, &zr)| *g += zr * dden[i]);
-            }
+        (None, shift) => {
             // Reverse scan over keys with the suffix sums of the queries that see them.
+            let shift = shift.expect("the causal path keeps no full state");
             let (mut rk, mut rz) = (vec![R::ZERO; m * d], vec![R::ZERO; m]);
             let mut next_q = sq as i64 - 1;
             for j in (0..sk).rev() {
@@ -189,8 +177,16 @@ pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R
     HeadResult { out, grads: Some((dq, dk, dv)) }
 }
 
-fn dot<R: Real>(a: &[R], b: &[R]) -> R {
-    a.iter().zip(b).fold(R::ZERO, |s, (&x, &y)| s + x * y)
+/// A query's output O = num / den (0 when it sees no key); with (dO, dnum), writes dnum = dO / den and returns
+/// dden = -(dO . O) / den.
+fn output_row<R: Real>(num: &[R], den: R, out: &mut [R], grad: Option<(&[R], &mut [R])>) -> R {
+    if den <= R::ZERO {
+        return R::ZERO;
+    }
+    out.iter_mut().zip(num).for_each(|(o, &n)| *o = n / den);
+    let Some((dout, dnum)) = grad else { return R::ZERO };
+    dnum.iter_mut().zip(dout).for_each(|(dn, &g)| *dn = g / den);
+    -dot(dout, out) / den
 }
 
 fn column_sums<R: Real>(a: &[R], m: usize) -> Vec<R> {
