@@ -88,7 +88,7 @@ if step cpu; then
         for cfg in "f32 64" "bf16 128"; do
             set -- $cfg
             $FA --threads "$threads" bench --device cpu --dtype "$1" --head-dim "$2" --heads 16 --batch 1 \
-                --seqlen 1024,4096 --impl flash --json | sed "s/^{/{\"threads\":$threads,/" >> "$OUT/cpu.jsonl"
+                --seqlen 1024,4096 --impl flash --json >> "$OUT/cpu.jsonl"
             python3 scripts/sdpa_cpu_bench.py --threads "$threads" --dtype "$1" --head-dim "$2" --seqlens 1024,4096 >> "$OUT/cpu.jsonl"
         done
     done

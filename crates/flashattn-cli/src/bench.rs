@@ -30,6 +30,16 @@ pub enum PassSel {
     Both,
 }
 
+impl PassSel {
+    pub fn passes(self) -> &'static [Pass] {
+        match self {
+            PassSel::Fwd => &[Pass::Forward],
+            PassSel::Bwd => &[Pass::Backward],
+            PassSel::Both => &[Pass::Forward, Pass::Backward],
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Where flash attention runs: auto (a CUDA GPU when one can be used, else the CPU), cpu, cuda or cuda:N.
@@ -86,6 +96,8 @@ pub struct Measurement {
     #[serde(rename = "impl")]
     pub implementation: String,
     pub device: String,
+    /// CPU worker threads of the run.
+    pub threads: usize,
     pub dtype: String,
     pub batch: usize,
     pub heads_q: usize,
@@ -109,6 +121,7 @@ pub struct Ceiling {
     #[serde(rename = "impl")]
     pub implementation: String,
     pub device: String,
+    pub threads: usize,
     pub dtype: String,
     pub size: usize,
     pub ms: f64,
@@ -143,11 +156,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     } else {
         vec![Impl::Flash]
     };
-    let passes: &[Pass] = match args.pass {
-        PassSel::Fwd => &[Pass::Forward],
-        PassSel::Bwd => &[Pass::Backward],
-        PassSel::Both => &[Pass::Forward, Pass::Backward],
-    };
+    let passes = args.pass.passes();
     let threads = rayon::current_num_threads();
     let label = match device {
         Device::Cpu => format!("cpu ({isa}, {threads} threads)"),
@@ -170,6 +179,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                 seqlen: n,
                 head_dim: d,
                 causal: args.causal,
+                scale: None,
             });
         }
     }
@@ -255,6 +265,7 @@ fn gpu_ceiling(ordinal: usize, label: &str, quiet: bool) -> Result<Ceiling, Stri
     Ok(Ceiling {
         implementation: "cublas".into(),
         device: label.into(),
+        threads: rayon::current_num_threads(),
         dtype: "bf16".into(),
         size: n,
         ms: 2.0 * (n as f64).powi(3) / tflops / 1e9,
@@ -283,10 +294,10 @@ fn measure(
     pass: Pass,
     done: &[Measurement],
 ) -> Result<Measurement, String> {
-    let on_gpu = imp == Impl::Flash && setup.device != Device::Cpu;
     let mut m = Measurement {
         implementation: impl_name(imp, setup),
-        device: if on_gpu || imp == Impl::Flash { setup.label.clone() } else { "cpu".into() },
+        device: if imp == Impl::Flash { setup.label.clone() } else { "cpu".into() },
+        threads: rayon::current_num_threads(),
         dtype: setup.dtype.name().into(),
         batch: shape.batch,
         heads_q: shape.heads_q,
@@ -313,7 +324,7 @@ fn measure(
             subject::host(Backend::Cpu(setup.isa), setup.dtype, shape, pass == Pass::Backward)
         }
         (Impl::Reference, _) => subject::host(Backend::Reference, setup.dtype, shape, pass == Pass::Backward),
-        (Impl::Flash, Device::Cuda(i)) => gpu_subject(i, setup.dtype, shape, pass),
+        (Impl::Flash, Device::Cuda(i)) => subject::device(i, setup.dtype, shape, pass == Pass::Backward),
     }
     .map_err(|e| e.to_string())?;
     let t = time(subject.as_mut(), pass, args.min_time).map_err(|e| e.to_string())?;
@@ -322,16 +333,6 @@ fn measure(
     m.peak_bytes = Some(t.peak_bytes);
     m.reps = t.reps;
     Ok(m)
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_subject(ordinal: usize, dtype: DType, shape: Shape, pass: Pass) -> flashattn::Result<Box<dyn Subject>> {
-    subject::device(ordinal, dtype, shape, pass == Pass::Backward)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_subject(_: usize, _: DType, _: Shape, _: Pass) -> flashattn::Result<Box<dyn Subject>> {
-    Err(AttnError::Unsupported { what: "CUDA".into(), why: "this build has no CUDA support".into() })
 }
 
 /// Why the reference cannot run this cell: its score matrices would not fit in memory, or it would take longer
@@ -443,6 +444,7 @@ fn gemm_ceiling(quiet: bool) -> Ceiling {
     Ceiling {
         implementation: "gemm".into(),
         device: "cpu".into(),
+        threads: rayon::current_num_threads(),
         dtype: "f32".into(),
         size: n,
         ms,
@@ -517,7 +519,6 @@ fn print_summary(rows: &[Measurement]) {
     println!("scaling with N (log-log slopes; time is per sequence, so both methods' O(N^2) work gives 2):");
     let mut series: Vec<(String, String, usize, bool)> =
         rows.iter().map(|m| (m.implementation.clone(), m.pass.clone(), m.head_dim, m.causal)).collect();
-    series.dedup();
     series.sort();
     series.dedup();
     for (imp, pass, d, causal) in &series {

@@ -2,15 +2,14 @@
 //! what the approximations give up (relative Frobenius error of the output, and of the attention weights they
 //! effectively apply), with the N where each approximation overtakes flash attention, if it does.
 
-use crate::alloc::peak_extra;
 use crate::bench::{human_bytes, loglog_slope, time};
 use crate::device::{self, Device};
 use crate::plot::{self, Series};
 use crate::random::fill_normal;
-use crate::subject::{Pass, Shape, Subject};
+use crate::subject::{self, Pass, Shape, Subject};
 use clap::Args;
 use flashattn::approx::{self, Method, Projection};
-use flashattn::{AttnOptions, Backend, DType, Element, Isa, Plan, TensorRef};
+use flashattn::{Backend, DType, Element, Isa, Plan, TensorRef};
 use half::{bf16, f16};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -158,11 +157,7 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
         Device::Cpu => format!("cpu ({isa}, {} threads)", rayon::current_num_threads()),
         Device::Cuda(i) => format!("cuda:{i}"),
     };
-    let passes: &[Pass] = match args.pass {
-        crate::bench::PassSel::Fwd => &[Pass::Forward],
-        crate::bench::PassSel::Bwd => &[Pass::Backward],
-        crate::bench::PassSel::Both => &[Pass::Forward, Pass::Backward],
-    };
+    let passes = args.pass.passes();
     let total = (args.seqlen.len() * (1 + methods.len()) * passes.len()) as u64;
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(total) };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}] {msg}").unwrap());
@@ -175,6 +170,7 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
             seqlen: n,
             head_dim: args.head_dim,
             causal: args.causal,
+            scale: args.scale,
         };
         let (qs, kvs) = (shape.q_shape(), shape.kv_shape());
         let numel: usize = qs.iter().product();
@@ -186,8 +182,7 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
         let (q, k, v, dout) = (tensor(1), tensor(2), tensor(3), tensor(4));
         let (qt, kt, vt, dt) =
             (TensorRef::new(&q, &qs), TensorRef::new(&k, &kvs), TensorRef::new(&v, &kvs), TensorRef::new(&dout, &qs));
-        let mut opts = AttnOptions::new().causal(args.causal);
-        opts.scale = args.scale;
+        let opts = shape.options();
         let cell = |implementation: &str, param: usize, dev: &str, pass: Pass| Row {
             implementation: implementation.into(),
             param,
@@ -206,7 +201,8 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
             skipped: None,
         };
 
-        // Exact attention: timed, and its output is what the approximations are measured against.
+        // Exact attention: timed (as `bench` times it), and its output is what the approximations are measured
+        // against.
         let mut exact_out: Option<Vec<f32>> = None;
         for &pass in passes {
             bar.set_message(format!("exact {} N={n}", pass.name()));
@@ -218,22 +214,12 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
                     let f = flashattn::forward(&qt, &kt, &vt, &opts, exact_backend).map_err(|e| e.to_string())?;
                     exact_out = Some(f.out.iter().map(|x| x.to_f32()).collect());
                 }
+                let needs_forward_output = pass == Pass::Backward;
                 let t = match device {
-                    Device::Cpu => {
-                        let fwd = flashattn::forward(&qt, &kt, &vt, &opts, exact_backend).map_err(|e| e.to_string())?;
-                        let mut subject = Closure(|p: Pass| match p {
-                            Pass::Forward => flashattn::forward(&qt, &kt, &vt, &opts, exact_backend).map(|_| ()),
-                            Pass::Backward => {
-                                flashattn::backward(&qt, &kt, &vt, &fwd.out_ref(), &fwd.lse, &dt, &opts, exact_backend)
-                                    .map(|_| ())
-                            }
-                        });
-                        time(&mut subject, pass, args.min_time)
-                    }
-                    Device::Cuda(i) => {
-                        gpu_exact(i, T::DTYPE, shape, pass).and_then(|mut s| time(s.as_mut(), pass, args.min_time))
-                    }
+                    Device::Cpu => subject::host(exact_backend, T::DTYPE, shape, needs_forward_output),
+                    Device::Cuda(i) => subject::device(i, T::DTYPE, shape, needs_forward_output),
                 }
+                .and_then(|mut s| time(s.as_mut(), pass, args.min_time))
                 .map_err(|e| e.to_string())?;
                 (row.ms, row.peak_bytes) = (Some(t.ms), Some(t.peak_bytes));
             }
@@ -248,8 +234,7 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
         });
         for method in methods {
             let (name, param) = method_name(method);
-            let (out, peak) = peak_extra(|| approx::forward(&qt, &kt, &vt, &opts, method, exact_backend));
-            let out = out.map_err(|e| e.to_string())?;
+            let out = approx::forward(&qt, &kt, &vt, &opts, method, exact_backend).map_err(|e| e.to_string())?;
             let out_err = exact_out
                 .as_ref()
                 .map(|e| rel_frobenius(out.iter().map(|x| x.to_f32() as f64), e.iter().map(|&x| x as f64)));
@@ -273,15 +258,12 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
                         });
                         time(&mut subject, pass, args.min_time)
                     }
-                    Device::Cuda(i) => {
-                        gpu_approx(i, T::DTYPE, shape, *method).and_then(|mut s| time(s.as_mut(), pass, args.min_time))
-                    }
+                    Device::Cuda(i) => subject::approx_device(i, T::DTYPE, shape, *method)
+                        .and_then(|mut s| time(s.as_mut(), pass, args.min_time)),
                 }
                 .map_err(|e| e.to_string())?;
                 // Host memory on the CPU; on a GPU, the device buffers the call allocated.
-                let peak_bytes =
-                    if device == Device::Cpu && pass == Pass::Forward { peak.max(t.peak_bytes) } else { t.peak_bytes };
-                (row.ms, row.peak_bytes) = (Some(t.ms), Some(peak_bytes));
+                (row.ms, row.peak_bytes) = (Some(t.ms), Some(t.peak_bytes));
                 (row.out_err, row.attn_err) = (out_err, attn_err);
                 emit(args, &row);
                 rows.push(row);
@@ -312,26 +294,6 @@ fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -
         }
     }
     Ok(())
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_exact(ordinal: usize, dtype: DType, shape: Shape, pass: Pass) -> flashattn::Result<Box<dyn Subject>> {
-    crate::subject::device(ordinal, dtype, shape, pass == Pass::Backward)
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_approx(ordinal: usize, dtype: DType, shape: Shape, method: Method) -> flashattn::Result<Box<dyn Subject>> {
-    crate::subject::approx_device(ordinal, dtype, shape, method)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_exact(_: usize, _: DType, _: Shape, _: Pass) -> flashattn::Result<Box<dyn Subject>> {
-    Err(flashattn::AttnError::Unsupported { what: "CUDA".into(), why: "this build has no CUDA support".into() })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_approx(_: usize, _: DType, _: Shape, _: Method) -> flashattn::Result<Box<dyn Subject>> {
-    Err(flashattn::AttnError::Unsupported { what: "CUDA".into(), why: "this build has no CUDA support".into() })
 }
 
 fn emit(args: &CompareArgs, row: &Row) {

@@ -6,7 +6,7 @@ use flashattn::{AttnOptions, Backend, DType, Element, Result, TensorRef};
 use half::{bf16, f16};
 
 /// The shape of a benchmark problem (dense batch, Sq = Sk).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Shape {
     pub batch: usize,
     pub heads_q: usize,
@@ -14,6 +14,8 @@ pub struct Shape {
     pub seqlen: usize,
     pub head_dim: usize,
     pub causal: bool,
+    /// Softmax scale [default: 1/sqrt(head_dim)].
+    pub scale: Option<f32>,
 }
 
 impl Shape {
@@ -36,7 +38,9 @@ impl Shape {
     }
 
     pub fn options(&self) -> AttnOptions {
-        AttnOptions::new().causal(self.causal)
+        let mut opts = AttnOptions::new().causal(self.causal);
+        opts.scale = self.scale;
+        opts
     }
 }
 
@@ -163,6 +167,21 @@ pub fn host(backend: Backend, dtype: DType, shape: Shape, needs_forward_output: 
 
 #[cfg(feature = "cuda")]
 pub use gpu::{approx_device, device};
+
+#[cfg(not(feature = "cuda"))]
+pub fn device(_: usize, _: DType, _: Shape, _: bool) -> Result<Box<dyn Subject>> {
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn approx_device(_: usize, _: DType, _: Shape, _: flashattn::approx::Method) -> Result<Box<dyn Subject>> {
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> flashattn::AttnError {
+    flashattn::AttnError::Unsupported { what: "CUDA".into(), why: "this build has no CUDA support".into() }
+}
 
 #[cfg(feature = "cuda")]
 mod gpu {

@@ -59,6 +59,14 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
+/// `flashattn run --q Q --k K --v V --out o.npy` on files of `dir`; callers add the rest.
+fn run_cmd(dir: &Path, q: &str, k: &str, v: &str) -> Command {
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let mut c = bin();
+    c.args(["run", "--q", &p(q), "--k", &p(k), "--v", &p(v), "--out", &p("o.npy")]);
+    c
+}
+
 #[test]
 fn run_forward_and_backward_match_the_library() {
     let dir = scratch("run");
@@ -73,20 +81,8 @@ fn run_forward_and_backward_match_the_library() {
         write_npy(&dir.join(format!("{name}.npy")), data, &shape);
     }
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
-    ok(bin()
-        .args([
-            "run",
-            "--q",
-            &p("q.npy"),
-            "--k",
-            &p("k.npy"),
-            "--v",
-            &p("v.npy"),
-            "--out",
-            &p("o.npy"),
-            "--lse",
-            &p("lse.npy"),
-        ])
+    ok(run_cmd(&dir, "q.npy", "k.npy", "v.npy")
+        .args(["--lse", &p("lse.npy")])
         .args(["--dout", &p("do.npy"), "--dq", &p("dq.npy"), "--dk", &p("dk.npy"), "--dv", &p("dv.npy")])
         .args(["--causal", "--window", "10,-1", "--softcap", "5", "--scale", "0.3"])
         .output()
@@ -124,26 +120,8 @@ fn run_varlen_f16_inputs_in_bf16() {
     write_npy(&dir.join("cu64.npy"), &[0i64, 12, 12, 30], &[4]);
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
     for cu in ["cu.npy", "cu64.npy"] {
-        ok(bin()
-            .args([
-                "run",
-                "--q",
-                &p("q.npy"),
-                "--k",
-                &p("q.npy"),
-                "--v",
-                &p("q.npy"),
-                "--out",
-                &p("o.npy"),
-                "--lse",
-                &p("lse.npy"),
-                "--dtype",
-                "bf16",
-                "--cu-seqlens-q",
-                &p(cu),
-                "--cu-seqlens-k",
-                &p(cu),
-            ])
+        ok(run_cmd(&dir, "q.npy", "q.npy", "q.npy")
+            .args(["--lse", &p("lse.npy"), "--dtype", "bf16", "--cu-seqlens-q", &p(cu), "--cu-seqlens-k", &p(cu)])
             .output()
             .unwrap());
         let (o, shape) = read_npy(&dir.join("o.npy"));
@@ -162,11 +140,7 @@ fn run_reports_bad_input() {
     write_npy(&dir.join("k.npy"), &values(2 * 3 * 3 * 8, 0.0), &[2, 3, 3, 8]);
     write_npy(&dir.join("int.npy"), &[1i32, 2, 3], &[3]);
     std::fs::write(dir.join("junk.npy"), b"not a numpy file").unwrap();
-    let base = |k: &str| {
-        let mut c = bin();
-        c.args(["run", "--q", &p("q.npy"), "--k", &p(k), "--v", &p(k), "--out", &p("o.npy")]);
-        c
-    };
+    let base = |k: &str| run_cmd(&dir, "q.npy", k, k);
     fails(base("missing.npy").output().unwrap(), "missing.npy");
     fails(base("junk.npy").output().unwrap(), "not a readable .npy file");
     fails(base("int.npy").output().unwrap(), "expected a float32, float16 or float64 array");
