@@ -45,7 +45,7 @@ enum Arg {
 /// One call's device state: cuBLAS, the kernels, and the working shape.
 struct Ctx<'g> {
     gpu: &'g Gpu,
-    blas: CudaBlas,
+    blas: &'g CudaBlas,
     module: Arc<CudaModule>,
     plan: &'g Plan,
     /// Working heads (batch * heads_q), padded rows per head of queries and of keys, head dim.
@@ -60,7 +60,7 @@ struct Ctx<'g> {
 
 impl<'g> Ctx<'g> {
     fn new(gpu: &'g Gpu, plan: &'g Plan, pad: usize) -> Result<Self> {
-        let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| AttnError::Cuda(format!("cuBLAS: {e:?}")))?;
+        let blas = gpu.blas()?;
         let module = gpu.aux_module("approx", SOURCE, plan.dtype())?;
         let round = |n: usize| n.div_ceil(pad) * pad;
         Ok(Ctx {

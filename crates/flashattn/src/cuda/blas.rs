@@ -7,10 +7,19 @@ use half::bf16;
 use std::time::Instant;
 
 impl Gpu {
+    /// cuBLAS on this GPU's stream (one handle per GPU: creating one costs more than a small product).
+    pub(crate) fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let b = CudaBlas::new(self.stream.clone()).map_err(|e| AttnError::Cuda(format!("cuBLAS: {e:?}")))?;
+        Ok(self.blas.get_or_init(|| b))
+    }
+
     /// bf16 GEMM throughput (n x n x n, f32 accumulation) in TFLOP/s: median of `reps` timed calls after a
     /// warm-up, on random data (zeros run measurably faster).
     pub fn matmul_tflops(&self, n: usize, reps: usize) -> Result<f64> {
-        let blas = CudaBlas::new(self.stream.clone()).map_err(|e| AttnError::Cuda(format!("cuBLAS: {e:?}")))?;
+        let blas = self.blas()?;
         let host: Vec<bf16> =
             (0..n * n).map(|i| bf16::from_f32((((i * 2654435761) % 1000) as f32 / 500.0) - 1.0)).collect();
         let a = self.stream.clone_htod(&host).map_err(driver_err("copying to the GPU"))?;

@@ -75,14 +75,25 @@ pub fn padded_head_dim(d: usize) -> Result<usize> {
 /// Tile overrides for kernel tuning, from the environment:
 /// `FLASHATTN_FWD_TILES=block_m,block_n,sub_n,warps,s_unroll`
 /// and `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d` (every variant takes them; unset in normal use).
-fn tile_override(var: &str) -> Option<Vec<usize>> {
-    let v: Vec<usize> = std::env::var(var).ok()?.split(',').filter_map(|x| x.trim().parse().ok()).collect();
-    (!v.is_empty()).then_some(v)
+/// Read once per process: a loaded kernel must be launched with the geometry it was compiled for.
+fn tile_override(pass: Pass) -> Option<&'static [usize]> {
+    static OVERRIDES: std::sync::OnceLock<[Option<Vec<usize>>; 2]> = std::sync::OnceLock::new();
+    let read = |var: &str| -> Option<Vec<usize>> {
+        let v: Vec<usize> = std::env::var(var).ok()?.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        (!v.is_empty()).then_some(v)
+    };
+    let o = OVERRIDES.get_or_init(|| [read("FLASHATTN_FWD_TILES"), read("FLASHATTN_BWD_TILES")]);
+    o[(pass == Pass::Backward) as usize].as_deref()
+}
+
+/// The define that selects the element type.
+pub fn elem_define(dtype: DType) -> String {
+    format!("-DELEM_BF16={}", (dtype == DType::BF16) as u8)
 }
 
 impl Variant {
     pub fn fwd_tiles(&self) -> FwdTiles {
-        if let Some(&[block_m, block_n, sub_n, warps, s_unroll]) = tile_override("FLASHATTN_FWD_TILES").as_deref() {
+        if let Some(&[block_m, block_n, sub_n, warps, s_unroll]) = tile_override(Pass::Forward) {
             return FwdTiles { block_m, block_n, sub_n, warps, s_unroll };
         }
         let t = |block_m, block_n, sub_n, s_unroll| FwdTiles { block_m, block_n, sub_n, warps: 4, s_unroll };
@@ -99,7 +110,7 @@ impl Variant {
     }
 
     pub fn bwd_tiles(&self) -> BwdTiles {
-        if let Some(&[block_m, sub_m, warps, warps_d]) = tile_override("FLASHATTN_BWD_TILES").as_deref() {
+        if let Some(&[block_m, sub_m, warps, warps_d]) = tile_override(Pass::Backward) {
             return BwdTiles { block_m, sub_m, warps, warps_d };
         }
         match self.hdim {
@@ -167,7 +178,7 @@ impl Variant {
     /// NVRTC options: the defines that select this variant.
     pub fn defines(&self) -> Vec<String> {
         let mut d = vec![
-            format!("-DELEM_BF16={}", (self.dtype == DType::BF16) as u8),
+            elem_define(self.dtype),
             format!("-DHDIM={}", self.hdim),
             format!("-DIS_MASKED={}", self.masked as u8),
             format!("-DHAS_MOD={}", self.has_mod as u8),

@@ -81,9 +81,8 @@ impl TensorLayout for DeviceTensor {
     }
 }
 
-/// A compiled variant: its module and kernels.
+/// A compiled variant's kernels (each holds its module).
 struct Loaded {
-    _module: Arc<CudaModule>,
     main: CudaFunction,
     preprocess: Option<CudaFunction>,
     convert: Option<CudaFunction>,
@@ -101,6 +100,8 @@ pub struct Gpu {
     aux: Mutex<HashMap<(&'static str, DType), Arc<CudaModule>>>,
     /// The last Linformer projections uploaded (E, F), by (k, seqlen_k, kind, seed): drawn once, not per call.
     projections: Mutex<Option<CachedProjections>>,
+    /// cuBLAS on this GPU's stream, created on first use.
+    blas: OnceLock<cudarc::cublas::CudaBlas>,
     /// Device bytes of workspace the last forward or backward allocated.
     workspace: std::sync::atomic::AtomicUsize,
 }
@@ -146,6 +147,7 @@ impl Gpu {
             loaded: Mutex::new(HashMap::new()),
             aux: Mutex::new(HashMap::new()),
             projections: Mutex::new(None),
+            blas: OnceLock::new(),
             workspace: Default::default(),
         });
         gpus.insert(ordinal, gpu.clone());
@@ -211,22 +213,34 @@ impl Gpu {
 
     /// Copies a contiguous device tensor back to the host.
     pub fn download<T: Element>(&self, t: &DeviceTensor) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); t.shape.iter().product::<usize>()];
+        self.download_into(t, &mut out)?;
+        Ok(out)
+    }
+
+    /// Copies a contiguous device tensor into a host buffer of its element count.
+    pub fn download_into<T: Element>(&self, t: &DeviceTensor, dst: &mut [T]) -> Result<()> {
         if T::DTYPE != t.dtype {
             return Err(AttnError::Unsupported {
                 what: format!("reading a {} tensor as {}", t.dtype, T::DTYPE),
                 why: "the types differ".into(),
             });
         }
-        let bits = self.stream.clone_dtoh(&t.buf).map_err(driver_err("copying from the GPU"))?;
         let n = t.shape.iter().product::<usize>();
-        // SAFETY: f16 and bf16 are 16-bit plain values.
-        Ok(bits[..n].iter().map(|&b| unsafe { std::mem::transmute_copy::<u16, T>(&b) }).collect())
+        if dst.len() != n {
+            return Err(AttnError::shape("the download buffer", format!("{n} elements"), &[dst.len()]));
+        }
+        // SAFETY: T is f16 or bf16 (checked above: a device tensor is never f32), a 16-bit plain value; the slice
+        // is reinterpreted without changing its bytes.
+        let bits: &mut [u16] = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u16, n) };
+        self.stream.memcpy_dtoh(&t.buf.slice(..n), bits).map_err(driver_err("copying from the GPU"))
     }
 
-    /// Copies an f32 device buffer back to the host.
+    /// Copies the first `n` elements of an f32 device buffer back to the host.
     pub fn download_f32(&self, buf: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
-        let v = self.stream.clone_dtoh(buf).map_err(driver_err("copying from the GPU"))?;
-        Ok(v[..n].to_vec())
+        let mut out = vec![0.0; n];
+        self.stream.memcpy_dtoh(&buf.slice(..n), &mut out[..]).map_err(driver_err("copying from the GPU"))?;
+        Ok(out)
     }
 
     /// The variant's module, compiled (or read from the disk cache) and loaded on first use.
@@ -244,12 +258,7 @@ impl Gpu {
                 ),
             });
         }
-        let compiled =
-            compile::compile(&variant.name(), &variant.source(), &self.arch_name(), &variant.defines(), false)?;
-        let module = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
-            .map_err(driver_err("loading a kernel module"))?;
+        let module = self.compile_and_load(&Unit::variant(&variant))?;
         let function = |name: &str| module.load_function(name).map_err(driver_err("finding a kernel"));
         let main = function(match variant.pass {
             Pass::Forward => "flash_fwd",
@@ -262,7 +271,7 @@ impl Gpu {
             Pass::Forward => (None, None),
             Pass::Backward => (Some(function("flash_bwd_preprocess")?), Some(function("flash_bwd_dq_convert")?)),
         };
-        let loaded = Arc::new(Loaded { _module: module, main, preprocess, convert });
+        let loaded = Arc::new(Loaded { main, preprocess, convert });
         self.loaded.lock().unwrap().insert(variant, loaded.clone());
         Ok(loaded)
     }
@@ -272,20 +281,17 @@ impl Gpu {
         if let Some(m) = self.aux.lock().unwrap().get(&(name, dtype)) {
             return Ok(m.clone());
         }
-        let defines = vec![format!("-DELEM_BF16={}", (dtype == DType::BF16) as u8), "-DHDIM=32".to_string()];
-        let compiled = compile::compile(
-            &format!("{name}-{dtype}"),
-            &format!("{}\n{source}", kernels::COMMON),
-            &self.arch_name(),
-            &defines,
-            false,
-        )?;
-        let module = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
-            .map_err(driver_err("loading a kernel module"))?;
+        let module = self.compile_and_load(&Unit::aux(name, source, dtype))?;
         self.aux.lock().unwrap().insert((name, dtype), module.clone());
         Ok(module)
+    }
+
+    /// Compiles a unit for this GPU (or reads it from the disk cache) and loads it.
+    fn compile_and_load(&self, unit: &Unit) -> Result<Arc<CudaModule>> {
+        let compiled = compile::compile(&unit.name, &unit.source, &self.arch_name(), &unit.defines, false)?;
+        self.ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
+            .map_err(driver_err("loading a kernel module"))
     }
 
     /// Compiles (or loads from the cache) the kernels a problem will use, so that timing excludes it.
@@ -653,8 +659,8 @@ pub(crate) fn forward_host<T: Element>(
     let mut o = gpu.zeros(T::DTYPE, plan.q_shape())?;
     let mut l = gpu.zeros_f32(plan.lse_len())?;
     gpu.forward(&dq, &dk, &dv, opts, &mut o, &mut l)?;
-    out.copy_from_slice(&gpu.download::<T>(&o)?);
-    lse.copy_from_slice(&gpu.download_f32(&l, plan.lse_len())?);
+    gpu.download_into(&o, out)?;
+    gpu.stream.memcpy_dtoh(&l.slice(..lse.len()), lse).map_err(driver_err("copying from the GPU"))?;
     Ok(())
 }
 
@@ -677,47 +683,62 @@ pub(crate) fn backward_host<T: Element>(
     let mut gdk = gpu.zeros(T::DTYPE, plan.kv_shape())?;
     let mut gdv = gpu.zeros(T::DTYPE, plan.kv_shape())?;
     gpu.backward((&gq, &gk, &gv), &go, &gl, &gd, opts, (&mut gdq, &mut gdk, &mut gdv))?;
-    dq.copy_from_slice(&gpu.download::<T>(&gdq)?);
-    dk.copy_from_slice(&gpu.download::<T>(&gdk)?);
-    dv.copy_from_slice(&gpu.download::<T>(&gdv)?);
+    gpu.download_into(&gdq, dq)?;
+    gpu.download_into(&gdk, dk)?;
+    gpu.download_into(&gdv, dv)?;
     Ok(())
 }
 
-/// Compiles every kernel variant for `arch` (no GPU needed), in parallel, with ptxas' resource report; calls
-/// `on_variant` in order with each variant's kernels' registers, stack and spills. Errors on a failed compilation.
-pub fn check_kernels(arch: &str, mut on_variant: impl FnMut(&str, &[compile::Resources])) -> Result<()> {
+/// One NVRTC compilation: a kernel variant, or an auxiliary module for one element type.
+struct Unit {
+    name: String,
+    source: String,
+    defines: Vec<String>,
+}
+
+impl Unit {
+    fn variant(v: &Variant) -> Self {
+        Unit { name: v.name(), source: v.source(), defines: v.defines() }
+    }
+
+    fn aux(name: &str, source: &str, dtype: DType) -> Self {
+        Unit {
+            name: format!("{name}-{dtype}"),
+            source: format!("{}\n{source}", kernels::COMMON),
+            defines: vec![kernels::elem_define(dtype), "-DHDIM=32".to_string()],
+        }
+    }
+
+    /// Every unit a GPU of `arch` may load.
+    fn all(arch: &str) -> Vec<Unit> {
+        let mut units: Vec<Unit> = Variant::all(arch).iter().map(Unit::variant).collect();
+        units.extend([DType::BF16, DType::F16].map(|dtype| Unit::aux("approx", approx::SOURCE, dtype)));
+        units
+    }
+}
+
+/// Compiles every kernel unit for `arch` (no GPU needed), in parallel, with ptxas' resource report; calls
+/// `on_unit` in order with each unit's kernels' registers, stack and spills. Errors on a failed compilation.
+pub fn check_kernels(arch: &str, mut on_unit: impl FnMut(&str, &[compile::Resources])) -> Result<()> {
     use rayon::prelude::*;
-    let variants = Variant::all(arch);
-    let reports: Vec<Result<Vec<compile::Resources>>> = variants
+    let units = Unit::all(arch);
+    let reports: Vec<Result<Vec<compile::Resources>>> = units
         .par_iter()
-        .map(|v| {
-            compile::compile(&v.name(), &v.source(), arch, &v.defines(), true).map(|c| compile::parse_resources(&c.log))
-        })
+        .map(|u| compile::compile(&u.name, &u.source, arch, &u.defines, true).map(|c| compile::parse_resources(&c.log)))
         .collect();
-    for (v, r) in variants.iter().zip(reports) {
-        on_variant(&v.name(), &r?);
-    }
-    for dtype in [DType::BF16, DType::F16] {
-        let defines = vec![format!("-DELEM_BF16={}", (dtype == DType::BF16) as u8), "-DHDIM=32".to_string()];
-        let c = compile::compile(
-            &format!("approx-{dtype}"),
-            &format!("{}\n{}", kernels::COMMON, approx::SOURCE),
-            arch,
-            &defines,
-            true,
-        )?;
-        on_variant(&format!("approx-{dtype}"), &compile::parse_resources(&c.log));
+    for (u, r) in units.iter().zip(reports) {
+        on_unit(&u.name, &r?);
     }
     Ok(())
 }
 
-/// Compiles every kernel variant for `arch` into the disk cache, in parallel; returns how many were compiled
-/// (the rest were cached already).
+/// Compiles every kernel unit for `arch` into the disk cache, in parallel; returns how many were compiled (the
+/// rest were cached already).
 pub fn warm_cache(arch: &str) -> Result<usize> {
     use rayon::prelude::*;
-    let compiled: Result<Vec<bool>> = Variant::all(arch)
+    let compiled: Result<Vec<bool>> = Unit::all(arch)
         .par_iter()
-        .map(|v| compile::compile(&v.name(), &v.source(), arch, &v.defines(), false).map(|c| !c.cached))
+        .map(|u| compile::compile(&u.name, &u.source, arch, &u.defines, false).map(|c| !c.cached))
         .collect();
     Ok(compiled?.into_iter().filter(|&fresh| fresh).count())
 }
