@@ -1,6 +1,7 @@
 //! Compiles one GPU kernel variant with NVRTC and prints ptxas' report (no GPU needed): a tool for kernel work.
 //!
-//! `cargo run --release --example kernel_report -- fwd|bwd HDIM MASKED(0|1) MOD(0|1) ARCH [-DEXTRA=...]`;
+//! `cargo run --release --example kernel_report -- fwd|bwd HDIM MASKED(0|1) MOD(0|1) ARCH [-DEXTRA=...]`
+//! (ARCH sm_90a: the Hopper forward);
 //! `CUBIN_OUT=file.cubin` also writes the cubin (for cuobjdump / nvdisasm).
 fn main() {
     #[cfg(feature = "cuda")]
@@ -13,7 +14,13 @@ fn report() {
     let args: Vec<String> = std::env::args().collect();
     let pass = if args[1] == "fwd" { Pass::Forward } else { Pass::Backward };
     let hdim: usize = args[2].parse().unwrap();
+    let hopper = args[5] == "sm_90a";
     let v = Variant {
+        family: if hopper {
+            flashattn::cuda::kernels::Family::Hopper
+        } else {
+            flashattn::cuda::kernels::Family::Portable
+        },
         pass,
         dtype: flashattn::DType::BF16,
         hdim,

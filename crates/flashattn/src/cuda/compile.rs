@@ -147,18 +147,23 @@ pub struct Resources {
     pub spill_stores: u32,
     pub spill_loads: u32,
     pub shared_bytes: u32,
+    /// ptxas' "Potential Performance Loss" notes naming this function (serialized wgmma, ignored setmaxnreg).
+    pub warnings: Vec<String>,
 }
 
 /// Parses ptxas' "Compiling entry function", "N bytes stack frame, N bytes spill stores, N bytes spill loads"
-/// and "Used N registers" lines.
+/// and "Used N registers" lines, and the performance warnings that name a function.
 pub fn parse_resources(log: &str) -> Vec<Resources> {
     let mut out: Vec<Resources> = Vec::new();
     let number_before = |line: &str, word: &str| -> Option<u32> {
         let idx = line.find(word)?;
         line[..idx].split(|c: char| !c.is_ascii_digit()).rev().find(|s| !s.is_empty())?.parse().ok()
     };
+    let mut warnings = Vec::new();
     for line in log.lines() {
-        if let Some(i) = line.find("Compiling entry function '") {
+        if line.contains("Performance Loss") {
+            warnings.push(line.trim().to_string());
+        } else if let Some(i) = line.find("Compiling entry function '") {
             let rest = &line[i + "Compiling entry function '".len()..];
             out.push(Resources { function: rest.split('\'').next().unwrap_or("").to_string(), ..Default::default() });
         } else if let Some(r) = out.last_mut() {
@@ -171,6 +176,9 @@ pub fn parse_resources(log: &str) -> Vec<Resources> {
                 r.shared_bytes = number_before(line, "bytes smem").unwrap_or(0);
             }
         }
+    }
+    for r in &mut out {
+        r.warnings = warnings.iter().filter(|w| w.contains(&format!("'{}'", r.function))).cloned().collect();
     }
     out
 }
@@ -188,6 +196,15 @@ mod tests {
             (r[0].function.as_str(), r[0].registers, r[0].stack_bytes, r[0].spill_stores, r[0].spill_loads),
             ("flash_fwd", 255, 8, 4, 12)
         );
+        assert!(r[0].warnings.is_empty());
+    }
+
+    #[test]
+    fn keeps_performance_warnings() {
+        let log = "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the wgmma pipeline in the function 'flash_fwd_sm90'\nptxas info    : Compiling entry function 'flash_fwd_sm90' for 'sm_90a'\nptxas info    : Used 168 registers\n";
+        let r = parse_resources(log);
+        assert_eq!(r[0].warnings.len(), 1);
+        assert!(r[0].warnings[0].contains("serialized"));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The kernel variants of the portable (sm_80+) family: which source, which defines, which tiles.
+//! The kernel variants: the portable family (sm_80+, forward and backward) and the Hopper forward family
+//! (sm_90a): which source, which defines, which tiles.
 
 use crate::dtype::DType;
 use crate::error::{AttnError, Result};
@@ -6,6 +7,7 @@ use crate::error::{AttnError, Result};
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 const FWD: &str = include_str!("kernels/flash_fwd.cu");
 const BWD: &str = include_str!("kernels/flash_bwd.cu");
+const FWD_SM90: &str = include_str!("kernels/flash_fwd_sm90.cu");
 
 /// Largest head dimension the kernels take.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -16,12 +18,22 @@ pub enum Pass {
     Backward,
 }
 
-/// One compiled kernel module: pass, element type, padded head dimension and the two masking switches.
+/// Which kernel design a variant is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// FlashAttention-2 design on mma.sync (sm_80 and newer), forward and backward.
+    Portable,
+    /// FlashAttention-3 design on TMA, wgmma and warp specialization (sm_90a only), forward.
+    Hopper,
+}
+
+/// One compiled kernel module: family, pass, element type, padded head dimension and the two masking switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Variant {
+    pub family: Family,
     pub pass: Pass,
     pub dtype: DType,
-    /// Head dimension rounded up to a multiple of 32 (the tile width).
+    /// Head dimension rounded up to the tile width: a multiple of 32 (portable) or of 64 (Hopper).
     pub hdim: usize,
     /// Causal or sliding-window mask (per-block key ranges and masking of boundary blocks).
     pub masked: bool,
@@ -72,18 +84,33 @@ pub fn padded_head_dim(d: usize) -> Result<usize> {
     Ok(d.div_ceil(32) * 32)
 }
 
-/// Tile overrides for kernel tuning, from the environment:
-/// `FLASHATTN_FWD_TILES=block_m,block_n,sub_n,warps,s_unroll`
-/// and `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d` (every variant takes them; unset in normal use).
+/// Hopper forward tiles: consumer warpgroups (64 query rows each), key rows per block, the depth of the K/V
+/// shared-memory ring, and whether the two consumer warpgroups take turns at the tensor cores.
+pub struct HopperTiles {
+    pub consumers: usize,
+    pub block_n: usize,
+    pub stages: usize,
+    pub pingpong: bool,
+}
+
+/// The Hopper family's head dimension for `d` (rounded up to a multiple of 64), or None when the portable family
+/// takes it: below 64 the 64-column TMA box would be wider than the tensor.
+pub fn hopper_head_dim(d: usize) -> Option<usize> {
+    ((64..=MAX_HEAD_DIM).contains(&d) && d.is_multiple_of(8)).then(|| d.div_ceil(64) * 64)
+}
+
+/// Tile overrides for kernel tuning, from the environment (every variant of the family takes them; unset in
+/// normal use): `FLASHATTN_FWD_TILES=block_m,block_n,sub_n,warps,s_unroll`,
+/// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d` and `FLASHATTN_SM90_TILES=consumers,block_n,stages,pingpong`.
 /// Read once per process: a loaded kernel must be launched with the geometry it was compiled for.
-fn tile_override(pass: Pass) -> Option<&'static [usize]> {
-    static OVERRIDES: std::sync::OnceLock<[Option<Vec<usize>>; 2]> = std::sync::OnceLock::new();
+fn tile_override(var: usize) -> Option<&'static [usize]> {
+    const VARS: [&str; 3] = ["FLASHATTN_FWD_TILES", "FLASHATTN_BWD_TILES", "FLASHATTN_SM90_TILES"];
+    static OVERRIDES: std::sync::OnceLock<Vec<Option<Vec<usize>>>> = std::sync::OnceLock::new();
     let read = |var: &str| -> Option<Vec<usize>> {
         let v: Vec<usize> = std::env::var(var).ok()?.split(',').filter_map(|x| x.trim().parse().ok()).collect();
         (!v.is_empty()).then_some(v)
     };
-    let o = OVERRIDES.get_or_init(|| [read("FLASHATTN_FWD_TILES"), read("FLASHATTN_BWD_TILES")]);
-    o[(pass == Pass::Backward) as usize].as_deref()
+    OVERRIDES.get_or_init(|| VARS.iter().map(|v| read(v)).collect())[var].as_deref()
 }
 
 /// The define that selects the element type.
@@ -93,7 +120,7 @@ pub fn elem_define(dtype: DType) -> String {
 
 impl Variant {
     pub fn fwd_tiles(&self) -> FwdTiles {
-        if let Some(&[block_m, block_n, sub_n, warps, s_unroll]) = tile_override(Pass::Forward) {
+        if let Some(&[block_m, block_n, sub_n, warps, s_unroll]) = tile_override(0) {
             return FwdTiles { block_m, block_n, sub_n, warps, s_unroll };
         }
         let t = |block_m, block_n, sub_n, s_unroll| FwdTiles { block_m, block_n, sub_n, warps: 4, s_unroll };
@@ -110,7 +137,7 @@ impl Variant {
     }
 
     pub fn bwd_tiles(&self) -> BwdTiles {
-        if let Some(&[block_m, sub_m, warps, warps_d]) = tile_override(Pass::Backward) {
+        if let Some(&[block_m, sub_m, warps, warps_d]) = tile_override(1) {
             return BwdTiles { block_m, sub_m, warps, warps_d };
         }
         match self.hdim {
@@ -124,15 +151,63 @@ impl Variant {
         }
     }
 
+    pub fn hopper_tiles(&self) -> HopperTiles {
+        if let Some(&[consumers, block_n, stages, pingpong]) = tile_override(2) {
+            return HopperTiles { consumers, block_n, stages, pingpong: pingpong != 0 };
+        }
+        // Shared memory: Q (128 rows) plus `stages` K and V blocks within the 227 KB a block may have.
+        let t = |block_n, stages| HopperTiles { consumers: 2, block_n, stages, pingpong: false };
+        match self.hdim {
+            // Three consumers (192 query rows) at d = 64 without a mask: 8-13% faster on the H200 at N >= 4096;
+            // under a causal mask the larger tile wastes more of the diagonal (slower up to N = 4096).
+            64 if !self.masked => HopperTiles { consumers: 3, ..t(128, 4) },
+            64 => t(128, 4),
+            128 => t(128, 2),
+            192 => t(96, 2),
+            _ => t(80, 2),
+        }
+    }
+
+    /// Query rows per CTA (per tile, for the persistent Hopper kernel).
+    pub fn block_m(&self) -> usize {
+        match (self.family, self.pass) {
+            (Family::Hopper, _) => 64 * self.hopper_tiles().consumers,
+            (_, Pass::Forward) => self.fwd_tiles().block_m,
+            (_, Pass::Backward) => self.bwd_tiles().block_m,
+        }
+    }
+
     pub fn threads(&self) -> u32 {
-        32 * match self.pass {
-            Pass::Forward => self.fwd_tiles().warps,
-            Pass::Backward => self.bwd_tiles().warps,
-        } as u32
+        match (self.family, self.pass) {
+            // A producer warpgroup and the consumers.
+            (Family::Hopper, _) => 128 * (self.hopper_tiles().consumers as u32 + 1),
+            (_, Pass::Forward) => 32 * self.fwd_tiles().warps as u32,
+            (_, Pass::Backward) => 32 * self.bwd_tiles().warps as u32,
+        }
+    }
+
+    /// The architecture-specific target the variant must be compiled for, when not the GPU's own: wgmma and
+    /// setmaxnreg exist only on sm_90a.
+    pub fn target_arch(&self) -> Option<&'static str> {
+        (self.family == Family::Hopper).then_some("sm_90a")
+    }
+
+    /// The main kernel's name in the module.
+    pub fn kernel_name(&self) -> &'static str {
+        match (self.family, self.pass) {
+            (Family::Hopper, _) => "flash_fwd_sm90",
+            (_, Pass::Forward) => "flash_fwd",
+            (_, Pass::Backward) => "flash_bwd",
+        }
     }
 
     /// Dynamic shared memory of the main kernel, in bytes (tiles' rows are padded by 8 elements).
     pub fn smem_bytes(&self) -> usize {
+        if self.family == Family::Hopper {
+            let t = self.hopper_tiles();
+            // 1024 bytes of alignment slack, Q, the K and V ring, the mbarriers (2 for Q, 4 per stage), the tile.
+            return 1024 + 2 * self.hdim * (self.block_m() + 2 * t.stages * t.block_n) + 8 * (2 + 4 * t.stages) + 4;
+        }
         let row = (self.hdim + 8) * 2;
         match self.pass {
             Pass::Forward => {
@@ -150,11 +225,12 @@ impl Variant {
         }
     }
 
-    /// A readable name: "fwd-bf16-d128-masked-mod".
+    /// A readable name: "fwd-bf16-d128-masked-mod", "fwd-sm90a-bf16-d128".
     pub fn name(&self) -> String {
-        let pass = match self.pass {
-            Pass::Forward => "fwd",
-            Pass::Backward => "bwd",
+        let pass = match (self.family, self.pass) {
+            (Family::Hopper, _) => "fwd-sm90a",
+            (_, Pass::Forward) => "fwd",
+            (_, Pass::Backward) => "bwd",
         };
         let mut name = format!("{pass}-{}-d{}", self.dtype, self.hdim);
         if self.masked {
@@ -166,13 +242,22 @@ impl Variant {
         name
     }
 
-    /// The full source: the common header and the pass's kernels.
+    /// The full source: the common header and the pass's kernels (for Hopper, with its wgmma instructions).
     pub fn source(&self) -> String {
-        let body = match self.pass {
-            Pass::Forward => FWD,
-            Pass::Backward => BWD,
-        };
-        format!("{COMMON}\n{body}")
+        match (self.family, self.pass) {
+            (Family::Hopper, _) => {
+                let (n, d) = (self.hopper_tiles().block_n, self.hdim);
+                let mut wrappers = wgmma_wrappers(n, self.dtype);
+                if d != n {
+                    wrappers += &wgmma_wrappers(d, self.dtype);
+                }
+                format!(
+                    "{COMMON}\n{wrappers}#define WGMMA_SS wgmma_ss_n{n}\n#define WGMMA_RS wgmma_rs_n{d}\n{FWD_SM90}"
+                )
+            }
+            (_, Pass::Forward) => format!("{COMMON}\n{FWD}"),
+            (_, Pass::Backward) => format!("{COMMON}\n{BWD}"),
+        }
     }
 
     /// NVRTC options: the defines that select this variant.
@@ -183,8 +268,17 @@ impl Variant {
             format!("-DIS_MASKED={}", self.masked as u8),
             format!("-DHAS_MOD={}", self.has_mod as u8),
         ];
-        match self.pass {
-            Pass::Forward => {
+        match (self.family, self.pass) {
+            (Family::Hopper, _) => {
+                let t = self.hopper_tiles();
+                d.extend([
+                    format!("-DCONSUMERS={}", t.consumers),
+                    format!("-DBLOCK_N={}", t.block_n),
+                    format!("-DSTAGES={}", t.stages),
+                    format!("-DPINGPONG={}", t.pingpong as u8),
+                ]);
+            }
+            (_, Pass::Forward) => {
                 let t = self.fwd_tiles();
                 d.extend([
                     format!("-DBLOCK_M={}", t.block_m),
@@ -196,7 +290,7 @@ impl Variant {
                     d.push(format!("-DS_UNROLL={}", t.s_unroll));
                 }
             }
-            Pass::Backward => {
+            (_, Pass::Backward) => {
                 let t = self.bwd_tiles();
                 d.extend([
                     format!("-DBLOCK_M={}", t.block_m),
@@ -211,21 +305,73 @@ impl Variant {
     }
 
     /// Every variant for an architecture ("sm_80", "sm_90", ...): both passes, both 16-bit types, every padded
-    /// head dimension, every switch.
+    /// head dimension, every switch; on sm_90 also the Hopper family's.
     pub fn all(arch: &str) -> Vec<Variant> {
-        let sm90 = arch.trim_start_matches("sm_").trim_end_matches('a').parse::<u32>().is_ok_and(|a| a >= 90);
+        let number = arch.trim_start_matches("sm_").trim_end_matches('a').parse::<u32>().unwrap_or(0);
+        let sm90 = number >= 90;
         let mut v = Vec::new();
-        for pass in [Pass::Forward, Pass::Backward] {
-            for dtype in [DType::BF16, DType::F16] {
+        let mut each_switch = |family, pass, dtype, hdim| {
+            for masked in [false, true] {
+                for has_mod in [false, true] {
+                    v.push(Variant { family, pass, dtype, hdim, masked, has_mod, sm90 });
+                }
+            }
+        };
+        for dtype in [DType::BF16, DType::F16] {
+            for pass in [Pass::Forward, Pass::Backward] {
                 for hdim in (32..=MAX_HEAD_DIM).step_by(32) {
-                    for masked in [false, true] {
-                        for has_mod in [false, true] {
-                            v.push(Variant { pass, dtype, hdim, masked, has_mod, sm90 });
-                        }
-                    }
+                    each_switch(Family::Portable, pass, dtype, hdim);
+                }
+            }
+            if number == 90 {
+                for hdim in (64..=MAX_HEAD_DIM).step_by(64) {
+                    each_switch(Family::Hopper, Pass::Forward, dtype, hdim);
                 }
             }
         }
         v
+    }
+}
+
+/// The wgmma instructions of width `n` as C++ functions (their operand lists are n / 2 accumulators long, so
+/// they are written out here): `wgmma_ss_n<n>` takes A and B from shared memory, both K-major;
+/// `wgmma_rs_n<n>` takes A from registers and B from shared memory, MN-major. `scale_d` = 0 overwrites D.
+fn wgmma_wrappers(n: usize, dtype: DType) -> String {
+    let t = if dtype == DType::BF16 { "bf16" } else { "f16" };
+    let acc = n / 2;
+    let list = |f: &dyn Fn(usize) -> String, range: std::ops::Range<usize>| range.map(f).collect::<Vec<_>>().join(", ");
+    let d = list(&|i| format!("%{i}"), 0..acc);
+    let outs = list(&|i| format!("\"+f\"(d[{i}])"), 0..acc);
+    let a_regs = list(&|i| format!("%{i}"), acc..acc + 4);
+    let function = |kind: &str, params: &str, operands: String, modes: &str, inputs: &str, pred: usize| {
+        format!(
+            "DEVICE void wgmma_{kind}_n{n}(float (&d)[{acc}], {params}, int scale_d) {{\n    \
+             asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{pred}, 0;\\n\"\n        \
+             \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{d}}}, {operands}, p, {modes};\\n}}\\n\"\n        \
+             : {outs}\n        : {inputs}, \"r\"(scale_d));\n}}\n"
+        )
+    };
+    function("ss", "u64 a, u64 b", format!("%{}, %{}", acc, acc + 1), "1, 1, 0, 0", "\"l\"(a), \"l\"(b)", acc + 2)
+        + &function(
+            "rs",
+            "u32 a0, u32 a1, u32 a2, u32 a3, u64 b",
+            format!("{{{a_regs}}}, %{}", acc + 4),
+            "1, 1, 1",
+            "\"r\"(a0), \"r\"(a1), \"r\"(a2), \"r\"(a3), \"l\"(b)",
+            acc + 5,
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wgmma_wrappers_number_their_operands() {
+        let w = wgmma_wrappers(16, DType::BF16);
+        assert!(w.contains("m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;"), "{w}");
+        assert!(w.contains("setp.ne.b32 p, %10, 0;"), "{w}");
+        assert!(w.contains("{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 1;"), "{w}");
+        assert!(w.contains("setp.ne.b32 p, %13, 0;"), "{w}");
     }
 }

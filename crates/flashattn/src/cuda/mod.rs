@@ -8,6 +8,7 @@ mod blas;
 pub mod compile;
 pub mod kernels;
 mod params;
+mod tma;
 
 use crate::dtype::{DType, Element};
 use crate::error::{AttnError, Result};
@@ -17,7 +18,7 @@ pub use cudarc::driver::CudaSlice;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
-use kernels::{Pass, Variant};
+use kernels::{Family, Pass, Variant};
 use params::{strides3, AttnParams};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -95,6 +96,9 @@ pub struct Gpu {
     name: String,
     arch: (i32, i32),
     max_smem: usize,
+    sm_count: usize,
+    /// The Hopper forward's tile counter (zeroed before each launch; the kernel hands tiles out from it).
+    tile_counter: Mutex<CudaSlice<i32>>,
     loaded: Mutex<HashMap<Variant, Arc<Loaded>>>,
     /// Auxiliary modules (the approximations' kernels), by name and element type.
     aux: Mutex<HashMap<(&'static str, DType), Arc<CudaModule>>>,
@@ -136,14 +140,18 @@ impl Gpu {
             });
         }
         let max_smem = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        let sm_count = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let stream = ctx.default_stream();
+        let tile_counter = Mutex::new(stream.alloc_zeros::<i32>(1).map_err(driver_err("allocating GPU memory"))?);
         let gpu = Arc::new(Gpu {
             ctx,
             stream,
             name,
             arch,
             max_smem,
+            sm_count,
+            tile_counter,
             loaded: Mutex::new(HashMap::new()),
             aux: Mutex::new(HashMap::new()),
             projections: Mutex::new(None),
@@ -260,10 +268,7 @@ impl Gpu {
         }
         let module = self.compile_and_load(&Unit::variant(&variant))?;
         let function = |name: &str| module.load_function(name).map_err(driver_err("finding a kernel"));
-        let main = function(match variant.pass {
-            Pass::Forward => "flash_fwd",
-            Pass::Backward => "flash_bwd",
-        })?;
+        let main = function(variant.kernel_name())?;
         use cudarc::driver::sys::CUfunction_attribute as F;
         main.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(driver_err("raising the shared-memory limit"))?;
@@ -288,7 +293,8 @@ impl Gpu {
 
     /// Compiles a unit for this GPU (or reads it from the disk cache) and loads it.
     fn compile_and_load(&self, unit: &Unit) -> Result<Arc<CudaModule>> {
-        let compiled = compile::compile(&unit.name, &unit.source, &self.arch_name(), &unit.defines, false)?;
+        let arch = self.arch_name();
+        let compiled = compile::compile(&unit.name, &unit.source, unit.arch(&arch), &unit.defines, false)?;
         self.ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
             .map_err(driver_err("loading a kernel module"))
@@ -296,15 +302,27 @@ impl Gpu {
 
     /// Compiles (or loads from the cache) the kernels a problem will use, so that timing excludes it.
     pub fn prepare(&self, dtype: DType, head_dim: usize, opts: &AttnOptions, backward: bool) -> Result<()> {
-        let hdim = kernels::padded_head_dim(head_dim)?;
         let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
         let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
-        let sm90 = self.arch.0 >= 9;
-        self.load(Variant { pass: Pass::Forward, dtype, hdim, masked, has_mod, sm90 })?;
+        self.load(self.variant(Pass::Forward, dtype, head_dim, masked, has_mod)?)?;
         if backward {
-            self.load(Variant { pass: Pass::Backward, dtype, hdim, masked, has_mod, sm90 })?;
+            self.load(self.variant(Pass::Backward, dtype, head_dim, masked, has_mod)?)?;
         }
         Ok(())
+    }
+
+    /// The kernel variant for a problem: the Hopper family for the forward on sm_90 where it takes the head dim
+    /// (unless `FLASHATTN_GPU_KERNELS=portable`), else the portable one.
+    fn variant(&self, pass: Pass, dtype: DType, head_dim: usize, masked: bool, has_mod: bool) -> Result<Variant> {
+        let hdim = kernels::padded_head_dim(head_dim)?;
+        let sm90 = self.arch.0 >= 9;
+        let portable = Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90 };
+        match kernels::hopper_head_dim(head_dim) {
+            Some(hdim) if pass == Pass::Forward && self.arch == (9, 0) && !portable_forced() => {
+                Ok(Variant { family: Family::Hopper, hdim, ..portable })
+            }
+            _ => Ok(portable),
+        }
     }
 
     /// Flash forward on device tensors: `out` (q's shape, contiguous) and `lse` (f32, the plan's lse length).
@@ -333,16 +351,59 @@ impl Gpu {
         p.out = out.ptr_mut(&self.stream);
         (p.o_batch, p.o_row, p.o_head) = strides3(&out.strides);
         p.lse = lse.device_ptr_mut(&self.stream).0;
-        let t = variant.fwd_tiles();
-        let cfg = LaunchConfig {
-            grid_dim: (plan_max(&plan.len_q).div_ceil(t.block_m).max(1) as u32, plan.heads_q as u32, plan.batch as u32),
+        let m_blocks = plan_max(&plan.len_q).div_ceil(variant.block_m()).max(1);
+        let mut cfg = LaunchConfig {
+            grid_dim: (m_blocks as u32, plan.heads_q as u32, plan.batch as u32),
             block_dim: (variant.threads(), 1, 1),
             shared_mem_bytes: variant.smem_bytes() as u32,
         };
-        // SAFETY: the parameter block matches the kernel's; every pointer is a live buffer sized by the plan.
-        unsafe { self.stream.launch_builder(&loaded.main).arg(&p).launch(cfg) }
-            .map_err(driver_err("launching the forward kernel"))?;
+        let mut launch = self.stream.launch_builder(&loaded.main);
+        launch.arg(&p);
+        let (maps, mut counter, group_heads);
+        if variant.family == Family::Hopper {
+            // Persistent: one CTA per SM takes tiles from the counter.
+            let tiles = m_blocks * plan.heads_q * plan.batch;
+            cfg.grid_dim = (tiles.min(self.sm_count) as u32, 1, 1);
+            maps = self.tensor_maps(&plan, (q, k, v), &variant)?;
+            counter = self.tile_counter.lock().unwrap();
+            self.stream.memset_zeros(&mut *counter).map_err(driver_err("clearing the tile counter"))?;
+            // Heads whose K and V (12 MB: a quarter of an H200's L2 cache) are read by the CTAs at once.
+            let kv_head_bytes = 4 * plan_max(&plan.len_k).max(1) * plan.head_dim;
+            let group = plan.heads_q / plan.heads_kv;
+            group_heads = (((12 << 20) / kv_head_bytes).clamp(1, plan.heads_kv * plan.batch) * group) as i32;
+            launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&mut *counter).arg(&group_heads);
+        }
+        // SAFETY: the parameters match the kernel's; every pointer is a live buffer sized by the plan.
+        unsafe { launch.launch(cfg) }.map_err(driver_err("launching the forward kernel"))?;
         Ok(())
+    }
+
+    /// The TMA maps of q (boxes of the query tile's rows), k and v (of the key block's rows).
+    fn tensor_maps(
+        &self,
+        plan: &Plan,
+        (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+        variant: &Variant,
+    ) -> Result<[tma::TmaMap; 3]> {
+        let layout = |t: &DeviceTensor, heads: usize, lens: &[usize]| {
+            // A map cannot have an empty dimension; with no rows no copy is issued.
+            let (rows, batch) = if plan.varlen { (t.shape[0], 1) } else { (plan_max(lens), plan.batch) };
+            let rows = rows.max(1);
+            tma::Layout {
+                ptr: t.ptr(&self.stream),
+                head_dim: plan.head_dim,
+                rows,
+                heads,
+                batch,
+                strides: strides3(&t.strides),
+            }
+        };
+        let rows = [variant.block_m(), variant.hopper_tiles().block_n];
+        Ok([
+            tma::tile_map(&layout(q, plan.heads_q, &plan.len_q), plan.dtype(), rows[0])?,
+            tma::tile_map(&layout(k, plan.heads_kv, &plan.len_k), plan.dtype(), rows[1])?,
+            tma::tile_map(&layout(v, plan.heads_kv, &plan.len_k), plan.dtype(), rows[1])?,
+        ])
     }
 
     /// Flash backward on device tensors: dq (q's shape), dk and dv (k's shape), contiguous.
@@ -454,7 +515,10 @@ impl Gpu {
             }
         }
         let plan = Plan::new(q, k, v, opts, q.dtype)?;
-        let hdim = kernels::padded_head_dim(plan.head_dim)?;
+        let m = &plan.mask;
+        let masked = m.left.is_some() || m.right.is_some();
+        let has_mod = m.softcap.is_some() || !m.alibi.is_empty() || m.scale <= 0.0;
+        let variant = self.variant(pass, plan.dtype(), plan.head_dim, masked, has_mod)?;
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             check_aligned(name, t)?;
         }
@@ -465,15 +529,6 @@ impl Gpu {
                 why: "sequence offsets are 32-bit on the GPU".into(),
             });
         }
-        let m = &plan.mask;
-        let variant = Variant {
-            pass,
-            dtype: plan.dtype(),
-            hdim,
-            masked: m.left.is_some() || m.right.is_some(),
-            has_mod: m.softcap.is_some() || !m.alibi.is_empty() || m.scale <= 0.0,
-            sm90: self.arch.0 >= 9,
-        };
         Ok((plan, variant))
     }
 
@@ -548,6 +603,12 @@ impl Extras {
             + self.cu_k.as_ref().map_or(0, |b| b.len())
             + self.alibi.as_ref().map_or(0, |b| b.len()))
     }
+}
+
+/// Whether `FLASHATTN_GPU_KERNELS=portable` keeps the forward on the portable family (read once per process).
+fn portable_forced() -> bool {
+    static FORCED: OnceLock<bool> = OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("FLASHATTN_GPU_KERNELS").is_ok_and(|v| v == "portable"))
 }
 
 fn plan_max(lens: &[usize]) -> usize {
@@ -694,11 +755,13 @@ struct Unit {
     name: String,
     source: String,
     defines: Vec<String>,
+    /// An architecture-specific target ("sm_90a") instead of the GPU's own.
+    target: Option<&'static str>,
 }
 
 impl Unit {
     fn variant(v: &Variant) -> Self {
-        Unit { name: v.name(), source: v.source(), defines: v.defines() }
+        Unit { name: v.name(), source: v.source(), defines: v.defines(), target: v.target_arch() }
     }
 
     fn aux(name: &str, source: &str, dtype: DType) -> Self {
@@ -706,7 +769,12 @@ impl Unit {
             name: format!("{name}-{dtype}"),
             source: format!("{}\n{source}", kernels::COMMON),
             defines: vec![kernels::elem_define(dtype), "-DHDIM=32".to_string()],
+            target: None,
         }
+    }
+
+    fn arch<'a>(&'a self, gpu_arch: &'a str) -> &'a str {
+        self.target.unwrap_or(gpu_arch)
     }
 
     /// Every unit a GPU of `arch` may load.
@@ -724,7 +792,10 @@ pub fn check_kernels(arch: &str, mut on_unit: impl FnMut(&str, &[compile::Resour
     let units = Unit::all(arch);
     let reports: Vec<Result<Vec<compile::Resources>>> = units
         .par_iter()
-        .map(|u| compile::compile(&u.name, &u.source, arch, &u.defines, true).map(|c| compile::parse_resources(&c.log)))
+        .map(|u| {
+            compile::compile(&u.name, &u.source, u.arch(arch), &u.defines, true)
+                .map(|c| compile::parse_resources(&c.log))
+        })
         .collect();
     for (u, r) in units.iter().zip(reports) {
         on_unit(&u.name, &r?);
@@ -738,7 +809,7 @@ pub fn warm_cache(arch: &str) -> Result<usize> {
     use rayon::prelude::*;
     let compiled: Result<Vec<bool>> = Unit::all(arch)
         .par_iter()
-        .map(|u| compile::compile(&u.name, &u.source, arch, &u.defines, false).map(|c| !c.cached))
+        .map(|u| compile::compile(&u.name, &u.source, u.arch(arch), &u.defines, false).map(|c| !c.cached))
         .collect();
     Ok(compiled?.into_iter().filter(|&fresh| fresh).count())
 }

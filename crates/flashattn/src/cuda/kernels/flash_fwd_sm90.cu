@@ -1,0 +1,407 @@
+// Flash forward for Hopper (sm_90a), FlashAttention-3 design.
+//
+// A persistent CTA of three warpgroups takes (query block, head, batch) tiles from a list, one at a time, the
+// next from a global counter (so no SM idles while another holds a long causal tile):
+// - the producer warpgroup only loads: one thread issues TMA copies of Q (once per tile) and of K and V blocks
+//   into a STAGES-deep shared-memory ring, each stage guarded by a "full" mbarrier (the copy engine completes
+//   it with the bytes it wrote) and an "empty" one (the consumers release the stage);
+// - CONSUMERS (2 or 3) consumer warpgroups compute, each owning 64 query rows: S = Q K^T as a wgmma with both
+//   operands in shared memory, the online softmax in registers, and O += P V as a wgmma with P from registers.
+// setmaxnreg moves registers from the producer to the consumers. Inside a consumer, the softmax of key block j
+// runs while the tensor cores do P V of block j-1: step j issues Q K(j)^T, then P(j-1) V(j-1), waits only for the
+// first, and does the softmax before waiting for the second.
+//
+// Shared tiles use the 128-byte swizzle of both TMA and wgmma: a tile of R rows is HDIM / 64 slabs of R rows x 64
+// columns (128 bytes per row), each slab 1024-byte aligned.
+//
+// With PINGPONG (two consumers only), the consumer warpgroups take turns at issuing their matrix products (two
+// named barriers), so that one's softmax runs under the other's products (off by default: slower on the H200).
+//
+// Defines: HDIM (64, 128, 192 or 256: the head dim rounded up; TMA zero-fills the columns past it), CONSUMERS,
+// BLOCK_N, STAGES, PINGPONG, IS_MASKED, HAS_MOD; wgmma_ss_nN / wgmma_rs_nN for N = BLOCK_N and N = HDIM
+// (generated).
+
+#define BLOCK_M (64 * CONSUMERS)
+#define NTHREADS (128 * (CONSUMERS + 1))
+#define SLAB(rows) ((rows) * 128)                // bytes of one 64-column slab
+#define Q_BYTES (BLOCK_M * HDIM * 2)
+#define KV_BYTES (BLOCK_N * HDIM * 2)
+#define S_REGS (BLOCK_N / 2)                     // f32 accumulators of S per thread
+#define O_REGS (HDIM / 2)                        // ... of O
+#define RELEASES (CONSUMERS * 4)                 // one arrival per consumer warp frees a stage
+// Registers per thread after reallocation: producer and consumers share the 64K of the SM.
+#define PRODUCER_REGS (CONSUMERS == 2 ? 40 : 32)
+#define CONSUMER_REGS (CONSUMERS == 2 ? 232 : 160)
+#if PINGPONG && CONSUMERS != 2
+#error "ping-pong takes two consumer warpgroups"
+#endif
+
+// A CUtensorMap, passed by value.
+struct __align__(64) TmaMap {
+    u64 words[16];
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// mbarriers, TMA, wgmma, register reallocation.
+DEVICE void mbar_init(u32 bar, int count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count)); }
+DEVICE void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+DEVICE void mbar_arrive(u32 bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
+DEVICE void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// Box (64 columns, rows) at (col, row, head, batch) of a 4-D tensor map into shared memory; completes on `bar`.
+DEVICE void tma_load(u32 dst, const TmaMap &map, int col, int row, int head, int batch, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 ::"r"(dst), "l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar) : "memory");
+}
+
+DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+DEVICE void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// The compiler does not know that wgmma.wait_group writes the accumulators: make it think this does.
+// Registers a wgmma reads (A operands) get the same fence: they may be rewritten only after it.
+template <int N>
+DEVICE void reg_fence(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int N>
+DEVICE void reg_fence(u32 (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled tile (address and offsets in bytes).
+DEVICE u64 smem_desc(u32 addr, u32 leading, u32 stride) {
+    return (u64)((addr & 0x3ffff) >> 4) | ((u64)(leading >> 4) << 16) | ((u64)(stride >> 4) << 32) | (1ull << 62);
+}
+
+DEVICE void st_shared(u32 addr, int v) { asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory"); }
+DEVICE int ld_shared(u32 addr) {
+    int v;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+    return v;
+}
+// Named barriers of the two consumer warpgroups (256 threads); 0 is __syncthreads'.
+DEVICE void bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+DEVICE void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+template <int REGS>
+DEVICE void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS>
+DEVICE void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The tile list: heads (with batches) in groups of `group_heads`, whose K and V fit in L2 together; within a
+// group, query blocks from the last (the longest under a causal mask) to the first, heads fastest.
+struct Work {
+    int m0, h, b;
+    Seq seq;
+    int n_lo, n_hi;  // key blocks [n_lo, n_hi)
+    bool valid;      // false for query blocks past a short sequence's end
+};
+
+DEVICE Work work(const AttnParams &p, int t, int num_m, int group_heads) {
+    Work w;
+    const int per_group = num_m * group_heads;
+    const int g = t / per_group, r = t % per_group;
+    const int in_group = min(group_heads, p.heads_q * p.batch - g * group_heads);
+    const int hb = g * group_heads + r % in_group;
+    w.m0 = (num_m - 1 - r / in_group) * BLOCK_M;
+    w.h = hb % p.heads_q;
+    w.b = hb / p.heads_q;
+    w.seq = sequence(p, w.b);
+    w.valid = w.m0 < w.seq.len_q;
+    w.n_lo = 0;
+    w.n_hi = (w.seq.len_k + BLOCK_N - 1) / BLOCK_N;
+#if IS_MASKED
+    const Mask mask = make_mask(p, w.seq);
+    w.n_lo = mask.lo(w.m0) / BLOCK_N;
+    w.n_hi = min(w.n_hi, (mask.hi(min(w.m0 + BLOCK_M, w.seq.len_q)) + BLOCK_N - 1) / BLOCK_N);
+#endif
+    return w;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared memory: Q, the K ring, the V ring (1024-byte aligned), then the mbarriers and the current tile's index.
+struct Smem {
+    u32 q, k, v, bars, tile;
+    DEVICE Smem(const void *raw) {
+        q = (smem_addr(raw) + 1023) & ~1023u;
+        k = q + Q_BYTES;
+        v = k + STAGES * KV_BYTES;
+        bars = v + STAGES * KV_BYTES;
+        tile = bars + 16 + 32 * STAGES;
+    }
+    DEVICE u32 q_full() const { return bars; }
+    DEVICE u32 q_empty() const { return bars + 8; }
+    DEVICE u32 k_full(int s) const { return bars + 16 + 32 * s; }
+    DEVICE u32 v_full(int s) const { return bars + 24 + 32 * s; }
+    DEVICE u32 k_empty(int s) const { return bars + 32 + 32 * s; }
+    DEVICE u32 v_empty(int s) const { return bars + 40 + 32 * s; }
+};
+
+// The producer: one thread takes the tiles and issues every copy. It passes each tile's index to the consumers
+// with Q (-1 when the list is done).
+DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, const TmaMap &tv, const Smem &sm,
+                    int *next_tile, int num_m, int tiles, int group_heads) {
+    const int group = p.heads_q / p.heads_kv;
+    const bool varlen = p.cu_seqlens_q != 0;
+    int kv = 0;
+    for (int round = 0, t = blockIdx.x;; ++round, t = gridDim.x + atomicAdd(next_tile, 1)) {
+        Work w;
+        while (t < tiles && !(w = work(p, t, num_m, group_heads)).valid) t = gridDim.x + atomicAdd(next_tile, 1);
+        mbar_wait(sm.q_empty(), (round & 1) ^ 1);  // the consumers are done with the last tile's Q
+        st_shared(sm.tile, t < tiles ? t : -1);
+        if (t >= tiles) {
+            mbar_arrive(sm.q_full());
+            return;
+        }
+        const int bq = varlen ? 0 : w.b, hk = w.h / group;
+        // A tile of `rows` rows from `row` on: one box per 64-column slab.
+        auto load = [&](u32 dst, int rows, const TmaMap &map, int row, int head, u32 bar) {
+#pragma unroll
+            for (int s = 0; s < HDIM / 64; ++s) tma_load(dst + s * SLAB(rows), map, 64 * s, row, head, bq, bar);
+        };
+        mbar_expect_tx(sm.q_full(), Q_BYTES);
+        load(sm.q, BLOCK_M, tq, w.seq.start_q + w.m0, w.h, sm.q_full());
+        for (int n = w.n_hi - 1; n >= w.n_lo; --n, ++kv) {
+            const int stage = kv % STAGES, parity = ((kv / STAGES) & 1) ^ 1;
+            const int row = w.seq.start_k + n * BLOCK_N;
+            mbar_wait(sm.k_empty(stage), parity);
+            mbar_expect_tx(sm.k_full(stage), KV_BYTES);
+            load(sm.k + stage * KV_BYTES, BLOCK_N, tk, row, hk, sm.k_full(stage));
+            mbar_wait(sm.v_empty(stage), parity);
+            mbar_expect_tx(sm.v_full(stage), KV_BYTES);
+            load(sm.v + stage * KV_BYTES, BLOCK_N, tv, row, hk, sm.v_full(stage));
+        }
+    }
+}
+
+// A consumer warpgroup: c owns rows [64c, 64c + 64) of each tile; a thread holds rows r and r + 8.
+DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_heads) {
+    const int c = threadIdx.x / 128 - 1;
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const bool varlen = p.cu_seqlens_q != 0;
+    // Without a score transform, scores stay raw products and the exponential applies the scale.
+    const float exp_scale = HAS_MOD ? LOG2E : p.scale_log2;
+    // Operand descriptors: a base per tile plus a compile-time offset per k step (in the address field, 16-byte
+    // units), so that no per-step descriptor is held in registers across the loop.
+    const u64 q_base = smem_desc(sm.q + c * SLAB(64), 16, 1024);
+    const u64 k_base = smem_desc(sm.k, 16, 1024), v_base = smem_desc(sm.v, SLAB(BLOCK_N), 1024);
+    auto q_desc = [&](int kk) { return q_base + (((kk / 4) * SLAB(BLOCK_M) + (kk % 4) * 32) >> 4); };
+    auto k_desc = [&](int stage, int kk) {
+        return k_base + ((stage * KV_BYTES + (kk / 4) * SLAB(BLOCK_N) + (kk % 4) * 32) >> 4);
+    };
+    auto v_desc = [&](int stage, int kk) { return v_base + ((stage * KV_BYTES + kk * 16 * 128) >> 4); };
+
+    // Ping-pong: warpgroup c issues its products after `my_turn` and hands over with `their_turn`; the second
+    // warpgroup lets the first start.
+    auto my_turn = [&]() {
+        if (PINGPONG) bar_sync(1 + c);
+    };
+    auto their_turn = [&]() {
+        if (PINGPONG) bar_arrive(2 - c);
+    };
+    if (PINGPONG && c == 1) their_turn();
+
+    int kv = 0;
+    for (int round = 0;; ++round) {
+        mbar_wait(sm.q_full(), round & 1);
+        const int t = ld_shared(sm.tile);
+        if (t < 0) return;
+        const Work w = work(p, t, num_m, group_heads);
+        const Mask mask = make_mask(p, w.seq);
+        const float slope = (HAS_MOD && p.alibi) ? p.alibi[w.b * p.alibi_batch_stride + w.h] : 0.f;
+        const int row_lo = w.m0 + 64 * c;  // first query row of this warpgroup
+        const int r0 = row_lo + 16 * warp + lane / 4;
+
+        float o[O_REGS], row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < O_REGS; ++i) o[i] = 0.f;
+        float s[S_REGS];
+        u32 pk[S_REGS / 2];  // P as 16-bit pairs: the A operand of P V
+
+        // S = Q K(stage)^T, issued and committed, not waited for.
+        auto issue_qk = [&](int stage) {
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < HDIM / 16; ++kk) WGMMA_SS(s, q_desc(kk), k_desc(stage, kk), kk > 0);
+            wgmma_commit();
+        };
+        // O += P V(stage), issued and committed.
+        auto issue_pv = [&](int stage) {
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+                WGMMA_RS(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3], v_desc(stage, kk), 1);
+            }
+            wgmma_commit();
+        };
+        // Scores of key block n to probabilities (in s), with the online-softmax update; returns in `corr` the
+        // factors by which O's rows must shrink.
+        auto softmax = [&](int n, float(&corr)[2]) {
+            const int n0 = n * BLOCK_N;
+            if (HAS_MOD || !mask.full(row_lo, row_lo + 64, n0, n0 + BLOCK_N)) {
+#pragma unroll
+                for (int i = 0; i < S_REGS; ++i) {
+                    const int row = r0 + 8 * ((i / 2) % 2), col = n0 + 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+                    float x = s[i];
+                    if (HAS_MOD) x = score_mod(p, slope, row + mask.shift - col, x, 0);
+                    if (!mask.visible(row, col)) x = NEG_INF;
+                    s[i] = x;
+                }
+            }
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                float mx = row_max[hf];
+#pragma unroll
+                for (int i = 2 * hf; i < S_REGS; i += 4) mx = fmaxf(mx, fmaxf(s[i], s[i + 1]));
+                mx = quad_max(mx);
+                // A row with no visible key so far keeps max -inf: subtract 0 so exp2(-inf) = 0.
+                const float base = mx == NEG_INF ? 0.f : mx * exp_scale;
+                corr[hf] = fast_exp2(row_max[hf] * exp_scale - base);
+                row_max[hf] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int i = 2 * hf; i < S_REGS; i += 4) {
+                    s[i] = fast_exp2(s[i] * exp_scale - base);
+                    s[i + 1] = fast_exp2(s[i + 1] * exp_scale - base);
+                    sum += s[i] + s[i + 1];
+                }
+                row_sum[hf] = row_sum[hf] * corr[hf] + sum;
+            }
+        };
+        // P to 16-bit pairs in the A-operand layout of wgmma (which is the accumulator's: no shuffles).
+        auto pack_p = [&]() {
+#pragma unroll
+            for (int i = 0; i < S_REGS / 2; ++i) pk[i] = pack2(s[2 * i], s[2 * i + 1]);
+        };
+        auto release = [&](u32 bar) {
+            if (lane == 0) mbar_arrive(bar);
+        };
+        // S of block n is in: K(stage) is free, and after the tile's last block so is Q (the next tile's Q then
+        // loads under this one's last softmax, P V and epilogue).
+        auto scores_done = [&](int n, int stage) {
+            release(sm.k_empty(stage));
+            if (n == w.n_lo) release(sm.q_empty());
+        };
+
+        if (w.n_hi > w.n_lo) {
+            float corr[2];
+            int stage = kv % STAGES;
+            mbar_wait(sm.k_full(stage), (kv / STAGES) & 1);
+            my_turn();
+            issue_qk(stage);
+            their_turn();
+            wgmma_wait<0>();
+            reg_fence(s);
+            scores_done(w.n_hi - 1, stage);
+            softmax(w.n_hi - 1, corr);
+            pack_p();
+            for (int n = w.n_hi - 2; n >= w.n_lo; --n) {
+                const int prev = stage;
+                const int prev_parity = (kv / STAGES) & 1;
+                ++kv;
+                stage = kv % STAGES;
+                mbar_wait(sm.k_full(stage), (kv / STAGES) & 1);
+                mbar_wait(sm.v_full(prev), prev_parity);
+                my_turn();
+                issue_qk(stage);
+                issue_pv(prev);
+                their_turn();
+                wgmma_wait<1>();  // S is in; P V may still run
+                reg_fence(s);
+                scores_done(n, stage);
+                softmax(n, corr);
+                wgmma_wait<0>();
+                reg_fence(o);
+                reg_fence(pk);
+                release(sm.v_empty(prev));
+                // Once the maxima settle, most blocks move no row of a warp: skip the rescale then.
+                if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+                    for (int i = 0; i < O_REGS; ++i) o[i] *= corr[(i / 2) % 2];
+                }
+                pack_p();
+            }
+            mbar_wait(sm.v_full(stage), (kv / STAGES) & 1);
+            my_turn();
+            issue_pv(stage);
+            their_turn();
+            wgmma_wait<0>();
+            reg_fence(o);
+            release(sm.v_empty(stage));
+            ++kv;
+        } else {
+            release(sm.q_empty());
+        }
+
+        // Epilogue: O / l and the log-sum-exp; a row that saw no key gets O = 0 and lse = -inf.
+        const long long o_base = (varlen ? 0 : w.b * p.o_batch) + w.h * p.o_head;
+        float *lse = p.lse + (varlen ? 0 : w.b * p.lse_batch) + w.h * p.lse_head + w.seq.start_q;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const float sum = quad_sum(row_sum[hf]);
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            const int row = r0 + 8 * hf;
+            if (row < w.seq.len_q) {
+                u16 *out = p.out + o_base + (long long)(w.seq.start_q + row) * p.o_row;
+#pragma unroll
+                for (int i = 2 * hf; i < O_REGS; i += 4) {
+                    const int col = 8 * (i / 4) + 2 * (lane % 4);
+                    if (col < p.head_dim) *(u32 *)(out + col) = pack2(o[i] * inv, o[i + 1] * inv);
+                }
+                if (lane % 4 == 0) {
+                    const float mx = row_max[hf];
+                    lse[row] = sum > 0.f ? (HAS_MOD ? mx : mx * p.scale) + logf(sum) : NEG_INF;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+    flash_fwd_sm90(const __grid_constant__ AttnParams p, const __grid_constant__ TmaMap tq,
+                   const __grid_constant__ TmaMap tk, const __grid_constant__ TmaMap tv, int *next_tile,
+                   int group_heads) {
+    extern __shared__ unsigned char smem_raw[];
+    const Smem sm(smem_raw);
+    if (threadIdx.x == 0) {
+        mbar_init(sm.q_full(), 1);
+        mbar_init(sm.q_empty(), RELEASES);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(sm.k_full(s), 1);
+            mbar_init(sm.v_full(s), 1);
+            mbar_init(sm.k_empty(s), RELEASES);
+            mbar_init(sm.v_empty(s), RELEASES);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    const int num_m = (p.seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int tiles = num_m * p.heads_q * p.batch;
+    if (threadIdx.x < 128) {
+        setmaxnreg_dec<PRODUCER_REGS>();
+        if (threadIdx.x == 0) produce(p, tq, tk, tv, sm, next_tile, num_m, tiles, group_heads);
+    } else {
+        setmaxnreg_inc<CONSUMER_REGS>();
+        consume(p, sm, num_m, group_heads);
+    }
+}

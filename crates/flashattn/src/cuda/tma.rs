@@ -1,0 +1,66 @@
+//! Tensor maps for Hopper's copy engine (TMA): how a kernel finds a tile of a tensor in global memory.
+
+use crate::dtype::DType;
+use crate::error::{AttnError, Result};
+use cudarc::driver::sys;
+
+/// A CUtensorMap (128 bytes, 64-byte aligned), passed to kernels by value.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct TmaMap([u64; 16]);
+
+// SAFETY: an opaque block of bytes the driver filled in, passed by value as a kernel argument.
+unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
+
+/// Where a (batch, rows, heads, head_dim) tensor of 16-bit elements lies: its address, its sizes and its
+/// element strides (batch, row, head); the last dimension is contiguous.
+pub(crate) struct Layout {
+    pub ptr: u64,
+    pub head_dim: usize,
+    pub rows: usize,
+    pub heads: usize,
+    pub batch: usize,
+    pub strides: (i64, i64, i64),
+}
+
+/// The map of `t` read in boxes of 64 columns x `box_rows` rows, stored in shared memory with the 128-byte
+/// swizzle that wgmma reads; reads past the tensor's edges fill zeros.
+pub(crate) fn tile_map(t: &Layout, dtype: DType, box_rows: usize) -> Result<TmaMap> {
+    let (batch_stride, row_stride, head_stride) = t.strides;
+    // A batch of one (variable-length batches) has no batch stride: any valid one will do.
+    let batch_stride = if t.batch == 1 { row_stride * t.rows.max(1) as i64 } else { batch_stride };
+    let dims = [t.head_dim, t.rows, t.heads, t.batch].map(|d| d as u64);
+    let strides = [row_stride, head_stride, batch_stride].map(|s| 2 * s as u64);
+    let boxes: [u32; 4] = [64, box_rows as u32, 1, 1];
+    let unit = [1u32; 4];
+    let data_type = match dtype {
+        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: every array has the rank's length (strides one less); the map is written by the driver.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            data_type,
+            4,
+            t.ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            unit.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(AttnError::Cuda(format!(
+            "encoding a tensor map (sizes {dims:?}, byte strides {strides:?}) failed: {r:?}; \
+             FLASHATTN_GPU_KERNELS=portable avoids the copy engine"
+        )));
+    }
+    // SAFETY: the driver initialized the map; CUtensorMap is 128 plain bytes.
+    Ok(unsafe { std::mem::transmute::<sys::CUtensorMap, TmaMap>(map.assume_init()) })
+}
