@@ -39,7 +39,7 @@ enum Command {
     Info,
     /// Compiles every GPU kernel variant with NVRTC (no GPU needed) and reports registers, stack and spills;
     /// fails on a compile error, on spills in the attention kernels, or on ptxas performance warnings (serialized
-    /// wgmma, ignored setmaxnreg). On sm_90 the Hopper forward family is compiled for sm_90a as well.
+    /// wgmma, ignored setmaxnreg, injected wgmma waits). On sm_90 the Hopper forward family is compiled for sm_90a as well.
     Kernels(KernelsArgs),
 }
 

@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --example kernel_report -- fwd|bwd HDIM MASKED(0|1) MOD(0|1) ARCH [-DEXTRA=...]`
 //! (ARCH sm_90a: the Hopper forward);
-//! `CUBIN_OUT=file.cubin` also writes the cubin (for cuobjdump / nvdisasm).
+//! `CUBIN_OUT=file.cubin` also writes the cubin (for cuobjdump / nvdisasm), `SOURCE_OUT=file.cu` the source.
 fn main() {
     #[cfg(feature = "cuda")]
     report();
@@ -35,6 +35,10 @@ fn report() {
         defs.push(format!("-DBLOCK_N={bn}"));
     }
     defs.extend(args[6..].iter().cloned());
+    if let Ok(path) = std::env::var("SOURCE_OUT") {
+        std::fs::write(path, v.source()).unwrap();
+        println!("defines: {}", defs.join(" "));
+    }
     match flashattn::cuda::compile::compile(&v.name(), &v.source(), &args[5], &defs, true) {
         Ok(c) => {
             if let Ok(path) = std::env::var("CUBIN_OUT") {

@@ -147,7 +147,8 @@ pub struct Resources {
     pub spill_stores: u32,
     pub spill_loads: u32,
     pub shared_bytes: u32,
-    /// ptxas' "Potential Performance Loss" notes naming this function (serialized wgmma, ignored setmaxnreg).
+    /// ptxas' notes naming this function that cost speed: "Potential Performance Loss" (serialized wgmma, ignored
+    /// setmaxnreg) and waits it injected ("warpgroup.wait is injected").
     pub warnings: Vec<String>,
 }
 
@@ -161,7 +162,7 @@ pub fn parse_resources(log: &str) -> Vec<Resources> {
     };
     let mut warnings = Vec::new();
     for line in log.lines() {
-        if line.contains("Performance Loss") {
+        if line.contains("Performance Loss") || line.contains("is injected") {
             warnings.push(line.trim().to_string());
         } else if let Some(i) = line.find("Compiling entry function '") {
             let rest = &line[i + "Compiling entry function '".len()..];
