@@ -100,6 +100,17 @@ fn gpu_deterministic_backward_is_reproducible() {
     }
 }
 
+/// Dense batches with no queries or no keys (zero strides in the contiguous layout): zeros and -inf, no error.
+#[test]
+fn gpu_empty_sequences() {
+    let Some(backend) = gpu("gpu_empty_sequences") else { return };
+    for (sq, sk, d) in [(5, 0, 64), (0, 5, 128), (0, 0, 96), (70, 0, 32)] {
+        let mut case = Case::dense(2, sq, sk, 2, 1, d);
+        case.dtype = DType::BF16;
+        check_case(&case, backend, true).unwrap();
+    }
+}
+
 #[test]
 fn gpu_errors() {
     let Some(backend) = gpu("gpu_errors") else { return };

@@ -27,8 +27,9 @@ pub(crate) struct Layout {
 /// swizzle that wgmma reads; reads past the tensor's edges fill zeros.
 pub(crate) fn tile_map(t: &Layout, dtype: DType, box_rows: usize) -> Result<TmaMap> {
     let (batch_stride, row_stride, head_stride) = t.strides;
-    // A batch of one (variable-length batches) has no batch stride: any valid one will do.
-    let batch_stride = if t.batch == 1 { row_stride * t.rows.max(1) as i64 } else { batch_stride };
+    // A batch of one (variable-length batches) has no batch stride, and a contiguous tensor with no rows has a
+    // zero one: TMA wants a positive multiple of 16 bytes, and any will do since no box reads there.
+    let batch_stride = if t.batch == 1 || batch_stride == 0 { row_stride * t.rows.max(1) as i64 } else { batch_stride };
     let dims = [t.head_dim, t.rows, t.heads, t.batch].map(|d| d as u64);
     let strides = [row_stride, head_stride, batch_stride].map(|s| 2 * s as u64);
     let boxes: [u32; 4] = [64, box_rows as u32, 1, 1];
