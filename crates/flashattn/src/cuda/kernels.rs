@@ -84,13 +84,12 @@ pub fn padded_head_dim(d: usize) -> Result<usize> {
     Ok(d.div_ceil(32) * 32)
 }
 
-/// Hopper forward tiles: consumer warpgroups (64 query rows each), key rows per block, the depth of the K/V
-/// shared-memory ring, and whether the two consumer warpgroups take turns at the tensor cores.
+/// Hopper forward tiles: consumer warpgroups (64 query rows each), key rows per block and the depth of the K/V
+/// shared-memory ring.
 pub struct HopperTiles {
     pub consumers: usize,
     pub block_n: usize,
     pub stages: usize,
-    pub pingpong: bool,
 }
 
 /// The Hopper family's head dimension for `d` (rounded up to a multiple of 64), or None when the portable family
@@ -101,7 +100,7 @@ pub fn hopper_head_dim(d: usize) -> Option<usize> {
 
 /// Tile overrides for kernel tuning, from the environment (every variant of the family takes them; unset in
 /// normal use): `FLASHATTN_FWD_TILES=block_m,block_n,sub_n,warps,s_unroll`,
-/// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d` and `FLASHATTN_SM90_TILES=consumers,block_n,stages,pingpong`.
+/// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d` and `FLASHATTN_SM90_TILES=consumers,block_n,stages`.
 /// Read once per process: a loaded kernel must be launched with the geometry it was compiled for.
 fn tile_override(var: usize) -> Option<&'static [usize]> {
     const VARS: [&str; 3] = ["FLASHATTN_FWD_TILES", "FLASHATTN_BWD_TILES", "FLASHATTN_SM90_TILES"];
@@ -152,11 +151,11 @@ impl Variant {
     }
 
     pub fn hopper_tiles(&self) -> HopperTiles {
-        if let Some(&[consumers, block_n, stages, pingpong]) = tile_override(2) {
-            return HopperTiles { consumers, block_n, stages, pingpong: pingpong != 0 };
+        if let Some(&[consumers, block_n, stages]) = tile_override(2) {
+            return HopperTiles { consumers, block_n, stages };
         }
         // Shared memory: Q (128 rows) plus `stages` K and V blocks within the 227 KB a block may have.
-        let t = |block_n, stages| HopperTiles { consumers: 2, block_n, stages, pingpong: false };
+        let t = |block_n, stages| HopperTiles { consumers: 2, block_n, stages };
         match self.hdim {
             // Three consumers (192 query rows) at d = 64 without a mask: 8-13% faster on the H200 at N >= 4096;
             // under a causal mask the larger tile wastes more of the diagonal (slower up to N = 4096).
@@ -275,7 +274,6 @@ impl Variant {
                     format!("-DCONSUMERS={}", t.consumers),
                     format!("-DBLOCK_N={}", t.block_n),
                     format!("-DSTAGES={}", t.stages),
-                    format!("-DPINGPONG={}", t.pingpong as u8),
                 ]);
             }
             (_, Pass::Forward) => {

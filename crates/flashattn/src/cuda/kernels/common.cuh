@@ -22,13 +22,13 @@ struct AttnParams {
     int *dq_semaphore;     // backward, deterministic mode: one counter per (batch, head_q, m_block)
     const int *cu_seqlens_q, *cu_seqlens_k;  // null for dense batches
     const float *alibi;    // null, or slopes indexed batch * alibi_batch_stride + head
-    long long q_batch, q_row, q_head;        // strides in elements (batch stride unused when varlen)
+    long long q_batch, q_row, q_head;        // strides in elements (batch strides are 0 when varlen)
     long long k_batch, k_row, k_head;
     long long v_batch, v_row, v_head;
     long long o_batch, o_row, o_head;        // o and dout, and the outputs out / dq
     long long do_batch, do_row, do_head;
     long long dk_batch, dk_row, dk_head;     // dk and dv outputs
-    long long lse_batch, lse_head;           // lse / delta: batch * lse_batch + head * lse_head + row
+    long long lse_batch, lse_head;           // lse / delta: batch * lse_batch + head * lse_head + row (0 / varlen)
     int batch, heads_q, heads_kv, head_dim;
     int seqlen_q, seqlen_k;                  // dense batches; max lengths for variable-length ones
     int window_left, window_right;           // -1: unbounded (causal sets right = 0)
@@ -74,6 +74,14 @@ DEVICE void mma16816(float *d, const u32 *a, const u32 *b) {
 #endif
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two adjacent n8 accumulator tiles (lo: columns 0-7, hi: 8-15) as the 16-bit A operand of one k16 product.
+DEVICE void pack_a(u32 *a, const float *lo, const float *hi) {
+    a[0] = pack2(lo[0], lo[1]);
+    a[1] = pack2(lo[2], lo[3]);
+    a[2] = pack2(hi[0], hi[1]);
+    a[3] = pack2(hi[2], hi[3]);
 }
 
 DEVICE u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(p); }

@@ -46,9 +46,8 @@ extern "C" __global__ void flash_bwd_preprocess(const AttnParams p) {
     const Seq seq = sequence(p, b);
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= seq.len_q) return;
-    const long long qb = p.cu_seqlens_q ? 0 : b;
-    const u16 *o = p.o + qb * p.o_batch + (long long)(seq.start_q + i) * p.o_row + h * p.o_head;
-    const u16 *dout = p.dout + qb * p.do_batch + (long long)(seq.start_q + i) * p.do_row + h * p.do_head;
+    const u16 *o = p.o + b * p.o_batch + (long long)(seq.start_q + i) * p.o_row + h * p.o_head;
+    const u16 *dout = p.dout + b * p.do_batch + (long long)(seq.start_q + i) * p.do_row + h * p.do_head;
     float acc = 0.f;
     for (int c = 0; c < p.head_dim; c += 8) {
         uint4 a = *(const uint4 *)(o + c), d = *(const uint4 *)(dout + c);
@@ -56,7 +55,7 @@ extern "C" __global__ void flash_bwd_preprocess(const AttnParams p) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc += to_float(x[e]) * to_float(y[e]);
     }
-    p.delta[qb * p.lse_batch + h * p.lse_head + seq.start_q + i] = acc;
+    p.delta[b * p.lse_batch + h * p.lse_head + seq.start_q + i] = acc;
 }
 
 extern "C" __global__ void flash_bwd_dq_convert(const AttnParams p, long long rows) {
@@ -99,9 +98,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
     const int qg = warp / DQ_PARTS, dqp = warp % DQ_PARTS;  // dQ query group, column part
     const bool dq_warp = warp < QGROUPS * DQ_PARTS;
 
-    const long long kb = p.cu_seqlens_k ? 0 : b, qbt = p.cu_seqlens_q ? 0 : b;
-    const u16 *k = p.k + kb * p.k_batch + (long long)(seq.start_k + n0) * p.k_row + hk * p.k_head;
-    const u16 *v = p.v + kb * p.v_batch + (long long)(seq.start_k + n0) * p.v_row + hk * p.v_head;
+    const u16 *k = p.k + b * p.k_batch + (long long)(seq.start_k + n0) * p.k_row + hk * p.k_head;
+    const u16 *v = p.v + b * p.v_batch + (long long)(seq.start_k + n0) * p.v_row + hk * p.v_head;
     load_tile<BLOCK_N, NTHREADS>(sK, k, p.k_row, seq.len_k - n0, p.head_dim);
     load_tile<BLOCK_N, NTHREADS>(sV, v, p.v_row, seq.len_k - n0, p.head_dim);
 
@@ -138,13 +136,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
         float *sLse = sStats0 + buf * 2 * BLOCK_M, *sDelta = sLse + BLOCK_M;
         const int h = hk * group + st / (m_hi - m_lo);
         const int m0 = (m_lo + st % (m_hi - m_lo)) * BLOCK_M;
-        const u16 *q = p.q + qbt * p.q_batch + (long long)(seq.start_q + m0) * p.q_row + h * p.q_head;
-        const u16 *dout = p.dout + qbt * p.do_batch + (long long)(seq.start_q + m0) * p.do_row + h * p.do_head;
+        const u16 *q = p.q + b * p.q_batch + (long long)(seq.start_q + m0) * p.q_row + h * p.q_head;
+        const u16 *dout = p.dout + b * p.do_batch + (long long)(seq.start_q + m0) * p.do_row + h * p.do_head;
         load_tile<BLOCK_M, NTHREADS>(sQ(buf), q, p.q_row, seq.len_q - m0, p.head_dim);
         load_tile<BLOCK_M, NTHREADS>(sdO(buf), dout, p.do_row, seq.len_q - m0, p.head_dim);
         for (int t = threadIdx.x; t < BLOCK_M; t += NTHREADS) {
             const int i = m0 + t;
-            const long long at = qbt * p.lse_batch + h * p.lse_head + seq.start_q + i;
+            const long long at = b * p.lse_batch + h * p.lse_head + seq.start_q + i;
             float l = i < seq.len_q ? p.lse[at] : POS_INF;
             sLse[t] = l == NEG_INF ? POS_INF : l * LOG2E;  // a row that saw no key passes no gradient
             sDelta[t] = i < seq.len_q ? p.delta[at] : 0.f;
@@ -222,14 +220,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
 #pragma unroll
             for (int kq = 0; kq < SUB_M / 16; ++kq) {
                 u32 ap[4], ad[4];
-                ap[0] = pack2(acc_s[2 * kq][0], acc_s[2 * kq][1]);
-                ap[1] = pack2(acc_s[2 * kq][2], acc_s[2 * kq][3]);
-                ap[2] = pack2(acc_s[2 * kq + 1][0], acc_s[2 * kq + 1][1]);
-                ap[3] = pack2(acc_s[2 * kq + 1][2], acc_s[2 * kq + 1][3]);
-                ad[0] = pack2(acc_dp[2 * kq][0], acc_dp[2 * kq][1]);
-                ad[1] = pack2(acc_dp[2 * kq][2], acc_dp[2 * kq][3]);
-                ad[2] = pack2(acc_dp[2 * kq + 1][0], acc_dp[2 * kq + 1][1]);
-                ad[3] = pack2(acc_dp[2 * kq + 1][2], acc_dp[2 * kq + 1][3]);
+                pack_a(ap, acc_s[2 * kq], acc_s[2 * kq + 1]);
+                pack_a(ad, acc_dp[2 * kq], acc_dp[2 * kq + 1]);
 #pragma unroll
                 for (int dp = 0; dp < DTW / 2; ++dp) {
                     u32 bd[4], bq[4];
@@ -343,8 +335,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
 #endif
 
     // dK and dV of this warp's keys and columns.
-    u16 *dk = p.dk + kb * p.dk_batch + (long long)(seq.start_k + n0) * p.dk_row + hk * p.dk_head;
-    u16 *dv = p.dv + kb * p.dk_batch + (long long)(seq.start_k + n0) * p.dk_row + hk * p.dk_head;
+    u16 *dk = p.dk + b * p.dk_batch + (long long)(seq.start_k + n0) * p.dk_row + hk * p.dk_head;
+    u16 *dv = p.dv + b * p.dk_batch + (long long)(seq.start_k + n0) * p.dk_row + hk * p.dk_head;
 #pragma unroll
     for (int t = 0; t < DTW; ++t)
 #pragma unroll

@@ -44,10 +44,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float slope = (HAS_MOD && p.alibi) ? p.alibi[b * p.alibi_batch_stride + h] : 0.f;
 
-    const u16 *q = p.q + (p.cu_seqlens_q ? 0 : b * p.q_batch) + (long long)(seq.start_q + m0) * p.q_row + h * p.q_head;
+    const u16 *q = p.q + b * p.q_batch + (long long)(seq.start_q + m0) * p.q_row + h * p.q_head;
     // Row `n` of this head's keys or values (recomputed where used: cheaper than a register held across the loop).
-    auto k_row = [&](int n) { return p.k + (p.cu_seqlens_k ? 0 : b * p.k_batch) + (long long)(seq.start_k + n) * p.k_row + hk * p.k_head; };
-    auto v_row = [&](int n) { return p.v + (p.cu_seqlens_k ? 0 : b * p.v_batch) + (long long)(seq.start_k + n) * p.v_row + hk * p.v_head; };
+    auto k_row = [&](int n) { return p.k + b * p.k_batch + (long long)(seq.start_k + n) * p.k_row + hk * p.k_head; };
+    auto v_row = [&](int n) { return p.v + b * p.v_batch + (long long)(seq.start_k + n) * p.v_row + hk * p.v_head; };
 
     const int rows_valid = min(BLOCK_M, seq.len_q - m0);
     int n_lo = 0, n_hi = (seq.len_k + BLOCK_N - 1) / BLOCK_N;
@@ -191,12 +191,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
             for (int kk = 0; kk < SUB_N / 16; ++kk) {
                 u32 a[MT][4];
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    a[mt][0] = pack2(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
-                    a[mt][1] = pack2(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
-                    a[mt][2] = pack2(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
-                    a[mt][3] = pack2(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
-                }
+                for (int mt = 0; mt < MT; ++mt) pack_a(a[mt], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
 #pragma unroll
                 for (int dp = 0; dp < DT / 2; ++dp) {
                     u32 bv[4];
@@ -213,6 +208,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
     cp_async_wait<0>();  // nothing may be in flight at exit (the Q tile, when no key block ran)
 
     // Epilogue: O / l and the log-sum-exp; a row that saw no key gets O = 0 and lse = -inf.
+    // The varlen selects are redundant (batch strides are 0 then) but without them ptxas spills the d = 128 sm_90
+    // variant, which sits at the register limit.
     u16 *out = p.out + (p.cu_seqlens_q ? 0 : b * p.o_batch) + (long long)(seq.start_q + m0) * p.o_row + h * p.o_head;
     float *lse = p.lse + (p.cu_seqlens_q ? 0 : b * p.lse_batch) + h * p.lse_head + seq.start_q + m0;
 #pragma unroll

@@ -14,11 +14,8 @@
 // Shared tiles use the 128-byte swizzle of both TMA and wgmma: a tile of R rows is HDIM / 64 slabs of R rows x 64
 // columns (128 bytes per row), each slab 1024-byte aligned.
 //
-// With PINGPONG (two consumers only), the consumer warpgroups take turns at issuing their matrix products (two
-// named barriers), so that one's softmax runs under the other's products (off by default: slower on the H200).
-//
 // Defines: HDIM (64, 128, 192 or 256: the head dim rounded up; TMA zero-fills the columns past it), CONSUMERS,
-// BLOCK_N, STAGES, PINGPONG, IS_MASKED, HAS_MOD; wgmma_ss_nN / wgmma_rs_nN for N = BLOCK_N and N = HDIM
+// BLOCK_N, STAGES, IS_MASKED, HAS_MOD; wgmma_ss_nN / wgmma_rs_nN for N = BLOCK_N and N = HDIM
 // (generated).
 
 #define BLOCK_M (64 * CONSUMERS)
@@ -32,9 +29,6 @@
 // Registers per thread after reallocation: producer and consumers share the 64K of the SM.
 #define PRODUCER_REGS (CONSUMERS == 2 ? 40 : 32)
 #define CONSUMER_REGS (CONSUMERS == 2 ? 232 : 160)
-#if PINGPONG && CONSUMERS != 2
-#error "ping-pong takes two consumer warpgroups"
-#endif
 
 // A CUtensorMap, passed by value.
 struct __align__(64) TmaMap {
@@ -92,9 +86,6 @@ DEVICE int ld_shared(u32 addr) {
     asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
     return v;
 }
-// Named barriers of the two consumer warpgroups (256 threads); 0 is __syncthreads'.
-DEVICE void bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-DEVICE void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
 template <int REGS>
 DEVICE void setmaxnreg_inc() {
@@ -171,7 +162,7 @@ DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, con
             mbar_arrive(sm.q_full());
             return;
         }
-        const int bq = varlen ? 0 : w.b, hk = w.h / group;
+        const int bq = varlen ? 0 : w.b, hk = w.h / group;  // a varlen map has one batch: sequences are rows
         // A tile of `rows` rows from `row` on: one box per 64-column slab.
         auto load = [&](u32 dst, int rows, const TmaMap &map, int row, int head, u32 bar) {
 #pragma unroll
@@ -196,7 +187,6 @@ DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, con
 DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_heads) {
     const int c = threadIdx.x / 128 - 1;
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-    const bool varlen = p.cu_seqlens_q != 0;
     // Without a score transform, scores stay raw products and the exponential applies the scale.
     const float exp_scale = HAS_MOD ? LOG2E : p.scale_log2;
     // Operand descriptors: a base per tile plus a compile-time offset per k step (in the address field, 16-byte
@@ -208,16 +198,6 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
         return k_base + ((stage * KV_BYTES + (kk / 4) * SLAB(BLOCK_N) + (kk % 4) * 32) >> 4);
     };
     auto v_desc = [&](int stage, int kk) { return v_base + ((stage * KV_BYTES + kk * 16 * 128) >> 4); };
-
-    // Ping-pong: warpgroup c issues its products after `my_turn` and hands over with `their_turn`; the second
-    // warpgroup lets the first start.
-    auto my_turn = [&]() {
-        if (PINGPONG) bar_sync(1 + c);
-    };
-    auto their_turn = [&]() {
-        if (PINGPONG) bar_arrive(2 - c);
-    };
-    if (PINGPONG && c == 1) their_turn();
 
     int kv = 0;
     for (int round = 0;; ++round) {
@@ -305,9 +285,7 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
             float corr[2];
             int stage = kv % STAGES;
             mbar_wait(sm.k_full(stage), (kv / STAGES) & 1);
-            my_turn();
             issue_qk(stage);
-            their_turn();
             wgmma_wait<0>();
             reg_fence(s);
             scores_done(w.n_hi - 1, stage);
@@ -320,11 +298,9 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
                 stage = kv % STAGES;
                 mbar_wait(sm.k_full(stage), (kv / STAGES) & 1);
                 mbar_wait(sm.v_full(prev), prev_parity);
-                my_turn();
-                issue_qk(stage);
+                    issue_qk(stage);
                 issue_pv(prev);
-                their_turn();
-                wgmma_wait<1>();  // S is in; P V may still run
+                    wgmma_wait<1>();  // S is in; P V may still run
                 reg_fence(s);
                 scores_done(n, stage);
                 softmax(n, corr);
@@ -340,9 +316,7 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
                 pack_p();
             }
             mbar_wait(sm.v_full(stage), (kv / STAGES) & 1);
-            my_turn();
             issue_pv(stage);
-            their_turn();
             wgmma_wait<0>();
             reg_fence(o);
             release(sm.v_empty(stage));
@@ -352,8 +326,8 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
         }
 
         // Epilogue: O / l and the log-sum-exp; a row that saw no key gets O = 0 and lse = -inf.
-        const long long o_base = (varlen ? 0 : w.b * p.o_batch) + w.h * p.o_head;
-        float *lse = p.lse + (varlen ? 0 : w.b * p.lse_batch) + w.h * p.lse_head + w.seq.start_q;
+        const long long o_base = w.b * p.o_batch + w.h * p.o_head;  // batch strides are 0 when varlen
+        float *lse = p.lse + w.b * p.lse_batch + w.h * p.lse_head + w.seq.start_q;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
             const float sum = quad_sum(row_sum[hf]);
