@@ -302,19 +302,19 @@ impl Gpu {
 
     /// Compiles (or loads from the cache) the kernels a problem will use, so that timing excludes it.
     pub fn prepare(&self, dtype: DType, head_dim: usize, opts: &AttnOptions, backward: bool) -> Result<()> {
-        let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
-        let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
-        self.load(self.variant(Pass::Forward, dtype, head_dim, masked, has_mod)?)?;
+        self.load(self.variant(Pass::Forward, dtype, head_dim, opts)?)?;
         if backward {
-            self.load(self.variant(Pass::Backward, dtype, head_dim, masked, has_mod)?)?;
+            self.load(self.variant(Pass::Backward, dtype, head_dim, opts)?)?;
         }
         Ok(())
     }
 
     /// The kernel variant for a problem: the Hopper family for the forward on sm_90 where it takes the head dim
     /// (unless `FLASHATTN_GPU_KERNELS=portable`), else the portable one.
-    fn variant(&self, pass: Pass, dtype: DType, head_dim: usize, masked: bool, has_mod: bool) -> Result<Variant> {
+    fn variant(&self, pass: Pass, dtype: DType, head_dim: usize, opts: &AttnOptions) -> Result<Variant> {
         let hdim = kernels::padded_head_dim(head_dim)?;
+        let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
+        let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
         let sm90 = self.arch.0 >= 9;
         let portable = Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90 };
         match kernels::hopper_head_dim(head_dim) {
@@ -515,10 +515,7 @@ impl Gpu {
             }
         }
         let plan = Plan::new(q, k, v, opts, q.dtype)?;
-        let m = &plan.mask;
-        let masked = m.left.is_some() || m.right.is_some();
-        let has_mod = m.softcap.is_some() || !m.alibi.is_empty() || m.scale <= 0.0;
-        let variant = self.variant(pass, plan.dtype(), plan.head_dim, masked, has_mod)?;
+        let variant = self.variant(pass, plan.dtype(), plan.head_dim, opts)?;
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             check_aligned(name, t)?;
         }
