@@ -39,7 +39,7 @@ enum Command {
     Info,
     /// Compiles every GPU kernel variant with NVRTC (no GPU needed) and reports registers, stack and spills;
     /// fails on a compile error, on spills in the attention kernels, or on ptxas performance warnings (serialized
-    /// wgmma, ignored setmaxnreg, injected wgmma waits). On sm_90 the Hopper forward family is compiled for sm_90a as well.
+    /// wgmma, ignored setmaxnreg, injected wgmma waits). On sm_90 the Hopper family is compiled for sm_90a as well.
     Kernels(KernelsArgs),
 }
 
@@ -99,13 +99,14 @@ fn kernels(args: &KernelsArgs) -> Result<(), String> {
     );
     let mut bad = Vec::new();
     for arch in &args.arch {
-        flashattn::cuda::check_kernels(arch, |variant, resources| {
-            for r in resources {
+        flashattn::cuda::check_kernels(arch, |unit| {
+            let (variant, arch) = (unit.name, unit.arch);
+            for r in &unit.resources {
                 println!(
                     "{:<28} {:<6} {:<24} {:>5} {:>6} {:>7} {:>7}",
                     variant, arch, r.function, r.registers, r.stack_bytes, r.spill_stores, r.spill_loads
                 );
-                let hot = ["flash_fwd", "flash_bwd", "flash_fwd_sm90"].contains(&r.function.as_str());
+                let hot = unit.main == Some(r.function.as_str());
                 if hot && (r.stack_bytes > 0 || r.spill_stores > 0 || r.spill_loads > 0) {
                     bad.push(format!("{variant} {arch} {}: spills or a stack frame", r.function));
                 }

@@ -1,7 +1,7 @@
 //! Compiles one GPU kernel variant with NVRTC and prints ptxas' report (no GPU needed): a tool for kernel work.
 //!
 //! `cargo run --release --example kernel_report -- fwd|bwd HDIM MASKED(0|1) MOD(0|1) ARCH [-DEXTRA=...]`
-//! (ARCH sm_90a: the Hopper forward);
+//! (ARCH sm_90a: the Hopper family);
 //! `CUBIN_OUT=file.cubin` also writes the cubin (for cuobjdump / nvdisasm), `SOURCE_OUT=file.cu` the source.
 fn main() {
     #[cfg(feature = "cuda")]

@@ -1,5 +1,5 @@
-//! The kernel variants: the portable family (sm_80+, forward and backward) and the Hopper forward family
-//! (sm_90a): which source, which defines, which tiles.
+//! The kernel variants: the portable family (sm_80+) and the Hopper family (sm_90a), each with a forward and a
+//! backward: which source, which defines, which tiles.
 
 use crate::dtype::DType;
 use crate::error::{AttnError, Result};
@@ -7,7 +7,10 @@ use crate::error::{AttnError, Result};
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 const FWD: &str = include_str!("kernels/flash_fwd.cu");
 const BWD: &str = include_str!("kernels/flash_bwd.cu");
+const BWD_COMMON: &str = include_str!("kernels/bwd_common.cuh");
+const HOPPER: &str = include_str!("kernels/hopper.cuh");
 const FWD_SM90: &str = include_str!("kernels/flash_fwd_sm90.cu");
+const BWD_SM90: &str = include_str!("kernels/flash_bwd_sm90.cu");
 
 /// Largest head dimension the kernels take.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -23,7 +26,8 @@ pub enum Pass {
 pub enum Family {
     /// FlashAttention-2 design on mma.sync (sm_80 and newer), forward and backward.
     Portable,
-    /// FlashAttention-3 design on TMA, wgmma and warp specialization (sm_90a only), forward.
+    /// FlashAttention-3 design on TMA, wgmma and warp specialization (sm_90a only): the forward for head dims
+    /// 64-256, the backward for 64-128.
     Hopper,
 }
 
@@ -92,11 +96,25 @@ pub struct HopperTiles {
     pub stages: usize,
 }
 
-/// The Hopper family's head dimension for `d` (rounded up to a multiple of 64), or None when the portable family
-/// takes it: below 64 the 64-column TMA box would be wider than the tensor.
-pub fn hopper_head_dim(d: usize) -> Option<usize> {
-    ((64..=MAX_HEAD_DIM).contains(&d) && d.is_multiple_of(8)).then(|| d.div_ceil(64) * 64)
+/// The Hopper family's head dimension for `d` in `pass` (rounded up to a multiple of 64), or None when the
+/// portable family takes it: below 64 the 64-column TMA box would be wider than the tensor, and above 128 the
+/// backward's dK and dV do not fit a consumer's registers.
+pub fn hopper_head_dim(d: usize, pass: Pass) -> Option<usize> {
+    let max = if pass == Pass::Forward { MAX_HEAD_DIM } else { 128 };
+    ((64..=max).contains(&d) && d.is_multiple_of(8)).then(|| d.div_ceil(64) * 64)
 }
+
+/// Queries per step of the Hopper backward: 128 where the registers allow (S^T and dP^T are 64 x BLOCK_M per
+/// consumer beside dK and dV), else 64. Its key blocks are 128 rows, its Q / dO ring 2 deep.
+fn hopper_bwd_block_m(hdim: usize) -> usize {
+    if hdim <= 64 {
+        128
+    } else {
+        64
+    }
+}
+const HOPPER_BWD_BLOCK_N: usize = 128;
+const HOPPER_BWD_STAGES: usize = 2;
 
 /// Tile overrides for kernel tuning, from the environment (every variant of the family takes them; unset in
 /// normal use): `FLASHATTN_FWD_TILES=block_m,block_n,sub_n,warps,s_unroll`,
@@ -167,19 +185,29 @@ impl Variant {
         }
     }
 
-    /// Query rows per CTA (per tile, for the persistent Hopper kernel).
+    /// Query rows per CTA (per tile, for the persistent Hopper forward; per step for the backwards).
     pub fn block_m(&self) -> usize {
         match (self.family, self.pass) {
-            (Family::Hopper, _) => 64 * self.hopper_tiles().consumers,
+            (Family::Hopper, Pass::Forward) => 64 * self.hopper_tiles().consumers,
+            (Family::Hopper, Pass::Backward) => hopper_bwd_block_m(self.hdim),
             (_, Pass::Forward) => self.fwd_tiles().block_m,
             (_, Pass::Backward) => self.bwd_tiles().block_m,
         }
     }
 
+    /// Key rows per CTA of a backward.
+    pub fn block_n(&self) -> usize {
+        match self.family {
+            Family::Hopper => HOPPER_BWD_BLOCK_N,
+            Family::Portable => self.bwd_tiles().block_n(),
+        }
+    }
+
     pub fn threads(&self) -> u32 {
         match (self.family, self.pass) {
-            // A producer warpgroup and the consumers.
-            (Family::Hopper, _) => 128 * (self.hopper_tiles().consumers as u32 + 1),
+            // A producer warpgroup and the consumers (two in the backward).
+            (Family::Hopper, Pass::Forward) => 128 * (self.hopper_tiles().consumers as u32 + 1),
+            (Family::Hopper, Pass::Backward) => 384,
             (_, Pass::Forward) => 32 * self.fwd_tiles().warps as u32,
             (_, Pass::Backward) => 32 * self.bwd_tiles().warps as u32,
         }
@@ -194,7 +222,8 @@ impl Variant {
     /// The main kernel's name in the module.
     pub fn kernel_name(&self) -> &'static str {
         match (self.family, self.pass) {
-            (Family::Hopper, _) => "flash_fwd_sm90",
+            (Family::Hopper, Pass::Forward) => "flash_fwd_sm90",
+            (Family::Hopper, Pass::Backward) => "flash_bwd_sm90",
             (_, Pass::Forward) => "flash_fwd",
             (_, Pass::Backward) => "flash_bwd",
         }
@@ -202,10 +231,25 @@ impl Variant {
 
     /// Dynamic shared memory of the main kernel, in bytes (tiles' rows are padded by 8 elements).
     pub fn smem_bytes(&self) -> usize {
-        if self.family == Family::Hopper {
-            let t = self.hopper_tiles();
-            // 1024 bytes of alignment slack, Q, the K and V ring, the mbarriers (2 for Q, 4 per stage), the tile.
-            return 1024 + 2 * self.hdim * (self.block_m() + 2 * t.stages * t.block_n) + 8 * (2 + 4 * t.stages) + 4;
+        match (self.family, self.pass) {
+            (Family::Hopper, Pass::Forward) => {
+                let t = self.hopper_tiles();
+                // 1024 bytes of alignment slack, Q, the K and V ring, the mbarriers (2 for Q, 4 per stage), the
+                // tile.
+                return 1024 + 2 * self.hdim * (self.block_m() + 2 * t.stages * t.block_n) + 8 * (2 + 4 * t.stages) + 4;
+            }
+            (Family::Hopper, Pass::Backward) => {
+                let (m, n, stages) = (self.block_m(), HOPPER_BWD_BLOCK_N, HOPPER_BWD_STAGES);
+                // Alignment slack, K and V, the Q and dO ring, two dS^T buffers, two f32 dQ staging tiles of 64
+                // rows (padded by 8), lse and D per stage, the mbarriers (1 + 2 per stage).
+                let staging = 2 * 64 * (self.hopper_dq_cols() + 8) * 4;
+                return 1024
+                    + 2 * (2 * n * self.hdim + 2 * stages * m * self.hdim + 2 * n * m)
+                    + staging
+                    + stages * 2 * m * 4
+                    + 8 * (1 + 2 * stages);
+            }
+            _ => {}
         }
         let row = (self.hdim + 8) * 2;
         match self.pass {
@@ -227,7 +271,8 @@ impl Variant {
     /// A readable name: "fwd-bf16-d128-masked-mod", "fwd-sm90a-bf16-d128".
     pub fn name(&self) -> String {
         let pass = match (self.family, self.pass) {
-            (Family::Hopper, _) => "fwd-sm90a",
+            (Family::Hopper, Pass::Forward) => "fwd-sm90a",
+            (Family::Hopper, Pass::Backward) => "bwd-sm90a",
             (_, Pass::Forward) => "fwd",
             (_, Pass::Backward) => "bwd",
         };
@@ -241,21 +286,37 @@ impl Variant {
         name
     }
 
-    /// The full source: the common header and the pass's kernels (for Hopper, with its wgmma instructions).
+    /// dQ columns per consumer of the Hopper backward: the consumers split dQ by rows with 128-query steps, else by
+    /// columns.
+    fn hopper_dq_cols(&self) -> usize {
+        if self.block_m() == 128 {
+            self.hdim
+        } else {
+            self.hdim / 2
+        }
+    }
+
+    /// The full source: the common headers and the pass's kernels (for Hopper, with the wgmma instructions it
+    /// uses).
     pub fn source(&self) -> String {
+        let d = self.hdim;
         match (self.family, self.pass) {
-            (Family::Hopper, _) => {
-                let (n, d) = (self.hopper_tiles().block_n, self.hdim);
-                let mut wrappers = wgmma_wrappers(n, self.dtype);
-                if d != n {
-                    wrappers += &wgmma_wrappers(d, self.dtype);
-                }
-                format!(
-                    "{COMMON}\n{wrappers}#define WGMMA_SS wgmma_ss_n{n}\n#define WGMMA_RS wgmma_rs_n{d}\n{FWD_SM90}"
-                )
+            (Family::Hopper, Pass::Forward) => {
+                let n = self.hopper_tiles().block_n;
+                let wgmma = wgmma_macros(&[("WGMMA_SS", Wgmma::SS, n), ("WGMMA_RS", Wgmma::RS, d)], self.dtype);
+                format!("{COMMON}\n{HOPPER}\n{wgmma}{FWD_SM90}")
+            }
+            (Family::Hopper, Pass::Backward) => {
+                let uses = [
+                    ("WGMMA_SS", Wgmma::SS, self.block_m()),
+                    ("WGMMA_RS", Wgmma::RS, d),
+                    ("WGMMA_TT", Wgmma::TT, self.hopper_dq_cols()),
+                ];
+                let wgmma = wgmma_macros(&uses, self.dtype);
+                format!("{COMMON}\n{HOPPER}\n{wgmma}{BWD_COMMON}\n{BWD_SM90}")
             }
             (_, Pass::Forward) => format!("{COMMON}\n{FWD}"),
-            (_, Pass::Backward) => format!("{COMMON}\n{BWD}"),
+            (_, Pass::Backward) => format!("{COMMON}\n{BWD_COMMON}\n{BWD}"),
         }
     }
 
@@ -268,13 +329,16 @@ impl Variant {
             format!("-DHAS_MOD={}", self.has_mod as u8),
         ];
         match (self.family, self.pass) {
-            (Family::Hopper, _) => {
+            (Family::Hopper, Pass::Forward) => {
                 let t = self.hopper_tiles();
                 d.extend([
                     format!("-DCONSUMERS={}", t.consumers),
                     format!("-DBLOCK_N={}", t.block_n),
                     format!("-DSTAGES={}", t.stages),
                 ]);
+            }
+            (Family::Hopper, Pass::Backward) => {
+                d.extend([format!("-DBLOCK_M={}", self.block_m()), format!("-DSTAGES={HOPPER_BWD_STAGES}")]);
             }
             (_, Pass::Forward) => {
                 let t = self.fwd_tiles();
@@ -322,8 +386,10 @@ impl Variant {
                 }
             }
             if number == 90 {
-                for hdim in (64..=MAX_HEAD_DIM).step_by(64) {
-                    each_switch(Family::Hopper, Pass::Forward, dtype, hdim);
+                for pass in [Pass::Forward, Pass::Backward] {
+                    for hdim in (64..=MAX_HEAD_DIM).step_by(64).filter(|&d| hopper_head_dim(d, pass).is_some()) {
+                        each_switch(Family::Hopper, pass, dtype, hdim);
+                    }
                 }
             }
         }
@@ -331,33 +397,68 @@ impl Variant {
     }
 }
 
-/// The wgmma instructions of width `n` as C++ functions (their operand lists are n / 2 accumulators long, so
-/// they are written out here): `wgmma_ss_n<n>` takes A and B from shared memory, both K-major;
-/// `wgmma_rs_n<n>` takes A from registers and B from shared memory, MN-major. `scale_d` = 0 overwrites D.
-fn wgmma_wrappers(n: usize, dtype: DType) -> String {
+/// The forms of wgmma the kernels use (A and B of m64nNk16).
+#[derive(Clone, Copy, PartialEq)]
+enum Wgmma {
+    /// A and B from shared memory, both K-major.
+    SS,
+    /// A from registers, B from shared memory, MN-major.
+    RS,
+    /// A and B from shared memory, both MN-major (transposed).
+    TT,
+}
+
+/// `#define NAME function` for each use, after the functions themselves (one per form and width).
+fn wgmma_macros(uses: &[(&str, Wgmma, usize)], dtype: DType) -> String {
+    let mut out = String::new();
+    for (i, &(_, kind, n)) in uses.iter().enumerate() {
+        if !uses[..i].iter().any(|&(_, k, m)| k == kind && m == n) {
+            out += &wgmma_function(kind, n, dtype);
+        }
+    }
+    for &(name, kind, n) in uses {
+        out += &format!("#define {name} {}\n", wgmma_function_name(kind, n));
+    }
+    out
+}
+
+fn wgmma_function_name(kind: Wgmma, n: usize) -> String {
+    let form = match kind {
+        Wgmma::SS => "ss",
+        Wgmma::RS => "rs",
+        Wgmma::TT => "tt",
+    };
+    format!("wgmma_{form}_n{n}")
+}
+
+/// One wgmma instruction of width `n` as a C++ function (its operand list is n / 2 accumulators long, so it is
+/// written out here). `scale_d` = 0 overwrites D.
+fn wgmma_function(kind: Wgmma, n: usize, dtype: DType) -> String {
     let t = if dtype == DType::BF16 { "bf16" } else { "f16" };
     let acc = n / 2;
     let list = |f: &dyn Fn(usize) -> String, range: std::ops::Range<usize>| range.map(f).collect::<Vec<_>>().join(", ");
     let d = list(&|i| format!("%{i}"), 0..acc);
     let outs = list(&|i| format!("\"+f\"(d[{i}])"), 0..acc);
-    let a_regs = list(&|i| format!("%{i}"), acc..acc + 4);
-    let function = |kind: &str, params: &str, operands: String, modes: &str, inputs: &str, pred: usize| {
-        format!(
-            "DEVICE void wgmma_{kind}_n{n}(float (&d)[{acc}], {params}, int scale_d) {{\n    \
-             asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{pred}, 0;\\n\"\n        \
-             \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{d}}}, {operands}, p, {modes};\\n}}\\n\"\n        \
-             : {outs}\n        : {inputs}, \"r\"(scale_d));\n}}\n"
-        )
-    };
-    function("ss", "u64 a, u64 b", format!("%{}, %{}", acc, acc + 1), "1, 1, 0, 0", "\"l\"(a), \"l\"(b)", acc + 2)
-        + &function(
-            "rs",
+    let (params, operands, modes, inputs, pred) = match kind {
+        Wgmma::SS | Wgmma::TT => {
+            let modes = if kind == Wgmma::SS { "1, 1, 0, 0" } else { "1, 1, 1, 1" };
+            ("u64 a, u64 b", format!("%{}, %{}", acc, acc + 1), modes, "\"l\"(a), \"l\"(b)", acc + 2)
+        }
+        Wgmma::RS => (
             "u32 a0, u32 a1, u32 a2, u32 a3, u64 b",
-            format!("{{{a_regs}}}, %{}", acc + 4),
+            format!("{{{}}}, %{}", list(&|i| format!("%{i}"), acc..acc + 4), acc + 4),
             "1, 1, 1",
             "\"r\"(a0), \"r\"(a1), \"r\"(a2), \"r\"(a3), \"l\"(b)",
             acc + 5,
-        )
+        ),
+    };
+    format!(
+        "DEVICE void {}(float (&d)[{acc}], {params}, int scale_d) {{\n    \
+         asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{pred}, 0;\\n\"\n        \
+         \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{d}}}, {operands}, p, {modes};\\n}}\\n\"\n        \
+         : {outs}\n        : {inputs}, \"r\"(scale_d));\n}}\n",
+        wgmma_function_name(kind, n)
+    )
 }
 
 #[cfg(test)]
@@ -365,11 +466,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wgmma_wrappers_number_their_operands() {
-        let w = wgmma_wrappers(16, DType::BF16);
+    fn wgmma_functions_number_their_operands() {
+        let w = [Wgmma::SS, Wgmma::RS, Wgmma::TT].map(|k| wgmma_function(k, 16, DType::BF16)).concat();
         assert!(w.contains("m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;"), "{w}");
         assert!(w.contains("setp.ne.b32 p, %10, 0;"), "{w}");
         assert!(w.contains("{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 1;"), "{w}");
         assert!(w.contains("setp.ne.b32 p, %13, 0;"), "{w}");
+        assert!(w.contains("%8, %9, p, 1, 1, 1, 1;"), "{w}");
+        let m = wgmma_macros(&[("A", Wgmma::SS, 64), ("B", Wgmma::SS, 64), ("C", Wgmma::TT, 64)], DType::F16);
+        assert_eq!(m.matches("DEVICE void wgmma_ss_n64(").count(), 1, "{m}");
+        assert!(m.contains("#define B wgmma_ss_n64\n#define C wgmma_tt_n64\n"), "{m}");
     }
 }

@@ -309,16 +309,17 @@ impl Gpu {
         Ok(())
     }
 
-    /// The kernel variant for a problem: the Hopper family for the forward on sm_90 where it takes the head dim
-    /// (unless `FLASHATTN_GPU_KERNELS=portable`), else the portable one.
+    /// The kernel variant for a problem: the Hopper family on sm_90 where it takes the head dim (and, for the
+    /// backward, unless it must be deterministic) unless `FLASHATTN_GPU_KERNELS=portable`; else the portable one.
     fn variant(&self, pass: Pass, dtype: DType, head_dim: usize, opts: &AttnOptions) -> Result<Variant> {
         let hdim = kernels::padded_head_dim(head_dim)?;
         let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
         let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
         let sm90 = self.arch.0 >= 9;
         let portable = Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90 };
-        match kernels::hopper_head_dim(head_dim) {
-            Some(hdim) if pass == Pass::Forward && self.arch == (9, 0) && !portable_forced() => {
+        let deterministic = pass == Pass::Backward && opts.deterministic;
+        match kernels::hopper_head_dim(head_dim, pass) {
+            Some(hdim) if self.arch == (9, 0) && !deterministic && !portable_forced() => {
                 Ok(Variant { family: Family::Hopper, hdim, ..portable })
             }
             _ => Ok(portable),
@@ -364,7 +365,12 @@ impl Gpu {
             // Persistent: one CTA per SM takes tiles from the counter.
             let tiles = m_blocks * plan.heads_q * plan.batch;
             cfg.grid_dim = (tiles.min(self.sm_count) as u32, 1, 1);
-            maps = self.tensor_maps(&plan, (q, k, v), &variant)?;
+            let (m, n) = (variant.block_m(), variant.hopper_tiles().block_n);
+            maps = [
+                self.tensor_map(&plan, q, Side::Query, m)?,
+                self.tensor_map(&plan, k, Side::Key, n)?,
+                self.tensor_map(&plan, v, Side::Key, n)?,
+            ];
             counter = self.tile_counter.lock().unwrap();
             self.stream.memset_zeros(&mut *counter).map_err(driver_err("clearing the tile counter"))?;
             // Heads whose K and V (12 MB: a quarter of an H200's L2 cache) are read by the CTAs at once.
@@ -378,32 +384,23 @@ impl Gpu {
         Ok(())
     }
 
-    /// The TMA maps of q (boxes of the query tile's rows), k and v (of the key block's rows).
-    fn tensor_maps(
-        &self,
-        plan: &Plan,
-        (q, k, v): (&DeviceTensor, &DeviceTensor, &DeviceTensor),
-        variant: &Variant,
-    ) -> Result<[tma::TmaMap; 3]> {
-        let layout = |t: &DeviceTensor, heads: usize, lens: &[usize]| {
-            // A map cannot have an empty dimension; with no rows no copy is issued.
-            let (rows, batch) = if plan.varlen { (t.shape[0], 1) } else { (plan_max(lens), plan.batch) };
-            let rows = rows.max(1);
-            tma::Layout {
-                ptr: t.ptr(&self.stream),
-                head_dim: plan.head_dim,
-                rows,
-                heads,
-                batch,
-                strides: strides3(&t.strides),
-            }
+    /// The TMA map of a query-side (q, o, dout) or key-side (k, v) tensor, read in boxes of `box_rows` rows.
+    fn tensor_map(&self, plan: &Plan, t: &DeviceTensor, side: Side, box_rows: usize) -> Result<tma::TmaMap> {
+        let (heads, lens) = match side {
+            Side::Query => (plan.heads_q, &plan.len_q),
+            Side::Key => (plan.heads_kv, &plan.len_k),
         };
-        let rows = [variant.block_m(), variant.hopper_tiles().block_n];
-        Ok([
-            tma::tile_map(&layout(q, plan.heads_q, &plan.len_q), plan.dtype(), rows[0])?,
-            tma::tile_map(&layout(k, plan.heads_kv, &plan.len_k), plan.dtype(), rows[1])?,
-            tma::tile_map(&layout(v, plan.heads_kv, &plan.len_k), plan.dtype(), rows[1])?,
-        ])
+        // A map cannot have an empty dimension; with no rows no copy is issued.
+        let (rows, batch) = if plan.varlen { (t.shape[0], 1) } else { (plan_max(lens), plan.batch) };
+        let layout = tma::Layout {
+            ptr: t.ptr(&self.stream),
+            head_dim: plan.head_dim,
+            rows: rows.max(1),
+            heads,
+            batch,
+            strides: strides3(&t.strides),
+        };
+        tma::tile_map(&layout, plan.dtype(), box_rows)
     }
 
     /// Flash backward on device tensors: dq (q's shape), dk and dv (k's shape), contiguous.
@@ -434,8 +431,7 @@ impl Gpu {
         let extras = self.extras(&plan, opts)?;
         let tokens_q = plan.q_shape().iter().rev().skip(2).product::<usize>();
         let rows = tokens_q * plan.heads_q;
-        let t = variant.bwd_tiles();
-        let num_m = plan_max(&plan.len_q).div_ceil(t.block_m);
+        let num_m = plan_max(&plan.len_q).div_ceil(variant.block_m());
         let mut delta = self.zeros_f32(plan.lse_len())?;
         let mut dq_accum = self.zeros_f32(rows * variant.hdim)?;
         let mut semaphore = self
@@ -470,15 +466,27 @@ impl Gpu {
             .map_err(driver_err("launching the backward preprocess"))?;
         let main = LaunchConfig {
             grid_dim: (
-                plan_max(&plan.len_k).div_ceil(t.block_n()).max(1) as u32,
+                plan_max(&plan.len_k).div_ceil(variant.block_n()).max(1) as u32,
                 plan.heads_kv as u32,
                 plan.batch as u32,
             ),
             block_dim: (variant.threads(), 1, 1),
             shared_mem_bytes: variant.smem_bytes() as u32,
         };
-        unsafe { self.stream.launch_builder(&loaded.main).arg(&p).launch(main) }
-            .map_err(driver_err("launching the backward kernel"))?;
+        let mut launch = self.stream.launch_builder(&loaded.main);
+        launch.arg(&p);
+        let maps;
+        if variant.family == Family::Hopper {
+            let (m, n) = (variant.block_m(), variant.block_n());
+            maps = [
+                self.tensor_map(&plan, q, Side::Query, m)?,
+                self.tensor_map(&plan, k, Side::Key, n)?,
+                self.tensor_map(&plan, v, Side::Key, n)?,
+                self.tensor_map(&plan, dout, Side::Query, m)?,
+            ];
+            launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]);
+        }
+        unsafe { launch.launch(main) }.map_err(driver_err("launching the backward kernel"))?;
         // The output o is read through p.o; dq is written through p.dq by the conversion, with o's row layout.
         let mut pc = p;
         pc.dq = dq.ptr_mut(&self.stream);
@@ -586,6 +594,13 @@ impl Gpu {
         (p.v_batch, p.v_row, p.v_head) = strides3(&v.strides);
         p
     }
+}
+
+/// Which side of attention a tensor is on: its heads and sequence lengths are the queries' or the keys'.
+#[derive(Clone, Copy)]
+enum Side {
+    Query,
+    Key,
 }
 
 struct Extras {
@@ -754,11 +769,19 @@ struct Unit {
     defines: Vec<String>,
     /// An architecture-specific target ("sm_90a") instead of the GPU's own.
     target: Option<&'static str>,
+    /// The attention kernel of a variant (held to no spills); None for auxiliary modules.
+    main: Option<&'static str>,
 }
 
 impl Unit {
     fn variant(v: &Variant) -> Self {
-        Unit { name: v.name(), source: v.source(), defines: v.defines(), target: v.target_arch() }
+        Unit {
+            name: v.name(),
+            source: v.source(),
+            defines: v.defines(),
+            target: v.target_arch(),
+            main: Some(v.kernel_name()),
+        }
     }
 
     fn aux(name: &str, source: &str, dtype: DType) -> Self {
@@ -767,6 +790,7 @@ impl Unit {
             source: format!("{}\n{source}", kernels::COMMON),
             defines: vec![kernels::elem_define(dtype), "-DHDIM=32".to_string()],
             target: None,
+            main: None,
         }
     }
 
@@ -782,9 +806,18 @@ impl Unit {
     }
 }
 
+/// One compiled unit's report: its name, the architecture it was compiled for, its attention kernel (None for
+/// auxiliary modules) and ptxas' resources for each of its kernels.
+pub struct UnitReport<'a> {
+    pub name: &'a str,
+    pub arch: &'a str,
+    pub main: Option<&'static str>,
+    pub resources: Vec<compile::Resources>,
+}
+
 /// Compiles every kernel unit for `arch` (no GPU needed), in parallel, with ptxas' resource report; calls
-/// `on_unit` in order with each unit's kernels' registers, stack and spills. Errors on a failed compilation.
-pub fn check_kernels(arch: &str, mut on_unit: impl FnMut(&str, &[compile::Resources])) -> Result<()> {
+/// `on_unit` in order with each unit's report. Errors on a failed compilation.
+pub fn check_kernels(arch: &str, mut on_unit: impl FnMut(UnitReport)) -> Result<()> {
     use rayon::prelude::*;
     let units = Unit::all(arch);
     let reports: Vec<Result<Vec<compile::Resources>>> = units
@@ -795,7 +828,7 @@ pub fn check_kernels(arch: &str, mut on_unit: impl FnMut(&str, &[compile::Resour
         })
         .collect();
     for (u, r) in units.iter().zip(reports) {
-        on_unit(&u.name, &r?);
+        on_unit(UnitReport { name: &u.name, arch: u.arch(arch), main: u.main, resources: r? });
     }
     Ok(())
 }

@@ -1,12 +1,11 @@
-// Flash backward for sm_80+, by recomputation from the saved log-sum-exp.
+// Flash backward for sm_80+, by recomputation from the saved log-sum-exp (D = rowsum(dO * O) and the dQ
+// conversion are in bwd_common.cuh).
 //
-// flash_bwd_preprocess: D = rowsum(dO * O) per (batch, head, query).
 // flash_bwd: one CTA per BLOCK_N keys of one (batch, key/value head). It keeps K and V in shared memory and
 //   dK, dV in registers, and loops over the query heads of the group and the query blocks that see its keys:
 //   S^T = K Q^T, dP^T = V dO^T (each warp 16 keys), P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) * dscore,
 //   dV += P^T dO, dK += dS^T Q, then dS through shared memory for dQ = dS K, added to an f32 accumulator (atomics;
 //   or, deterministic, plain adds ordered by a semaphore per query block).
-// flash_bwd_dq_convert: dQ accumulator -> output dtype.
 //
 // Defines: BLOCK_M (queries per step), SUB_M (queries per sub-step), NWARPS, WARPS_D (warps sharing a key group,
 // splitting dK/dV columns), DQ_PARTS, IS_MASKED, HAS_MOD.
@@ -35,45 +34,6 @@
 #define DQ_PAD 8  // floats between rows of the dQ staging tile: spreads a warp's stores over the banks
 static_assert(QT % 2 == 0 && DTW % 2 == 0 && DQT % 2 == 0 && DQW * DQ_PARTS == HDIM, "tiles must split into 16-column pairs");
 static_assert(QGROUPS * DQ_PARTS <= NWARPS, "not enough warps for the dQ split");
-
-// Token index of (sequence start, row) in dense or variable-length layout.
-DEVICE long long q_token(const AttnParams &p, int b, const Seq &s, int i) {
-    return p.cu_seqlens_q ? (long long)s.start_q + i : (long long)b * p.seqlen_q + i;
-}
-
-extern "C" __global__ void flash_bwd_preprocess(const AttnParams p) {
-    const int b = blockIdx.z, h = blockIdx.y;
-    const Seq seq = sequence(p, b);
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= seq.len_q) return;
-    const u16 *o = p.o + b * p.o_batch + (long long)(seq.start_q + i) * p.o_row + h * p.o_head;
-    const u16 *dout = p.dout + b * p.do_batch + (long long)(seq.start_q + i) * p.do_row + h * p.do_head;
-    float acc = 0.f;
-    for (int c = 0; c < p.head_dim; c += 8) {
-        uint4 a = *(const uint4 *)(o + c), d = *(const uint4 *)(dout + c);
-        const u16 *x = (const u16 *)&a, *y = (const u16 *)&d;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc += to_float(x[e]) * to_float(y[e]);
-    }
-    p.delta[b * p.lse_batch + h * p.lse_head + seq.start_q + i] = acc;
-}
-
-extern "C" __global__ void flash_bwd_dq_convert(const AttnParams p, long long rows) {
-    // One thread per 8 columns of one (token, head) row.
-    const long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int per_row = HDIM / 8;
-    const long long row = chunk / per_row;
-    const int c = (int)(chunk % per_row) * 8;
-    if (row >= rows || c >= p.head_dim) return;
-    const long long token = row / p.heads_q;
-    const int h = (int)(row % p.heads_q);
-    const float *src = p.dq_accum + row * HDIM + c;
-    uint4 v;
-    u32 *w = (u32 *)&v;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) w[e] = pack2(src[2 * e], src[2 * e + 1]);
-    *(uint4 *)(p.dq + token * p.o_row + h * p.o_head + c) = v;
-}
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnParams p) {
     extern __shared__ __align__(128) u16 smem[];

@@ -1,0 +1,300 @@
+// Flash backward for Hopper (sm_90a), by recomputation from the saved log-sum-exp, FlashAttention-3 design.
+//
+// One CTA per BLOCK_N (128) keys of one (batch, key/value head), three warpgroups:
+// - the producer warpgroup loads: one thread brings K and V in once, then Q and dO of each step (a query block of
+//   one query head of the group) into a STAGES-deep ring by TMA; one warp copies the step's log-sum-exp and
+//   D = rowsum(dO * O) next to them. Each stage has a "full" mbarrier (the copy engine's bytes and the warp's 32
+//   arrivals) and an "empty" one (one arrival per consumer warp);
+// - two consumer warpgroups compute, each owning 64 of the keys and holding their dK and dV in registers:
+//   S^T = K Q^T and dP^T = V dO^T (wgmma, both operands in shared memory), P^T = exp2(S^T - lse),
+//   dS^T = P^T (dP^T - D) * dscore, dV += P^T dO and dK += dS^T Q (wgmma with P^T, dS^T from registers), then
+//   dS^T through shared memory (double-buffered, both warpgroups' halves) for dQ = dS K, which goes through a
+//   staging tile to one bulk reduce-add per query row into the f32 dQ accumulator.
+// dQ = dS K is split between the consumers by query rows when a step has 128 of them, else by 64-column slabs.
+//
+// Shared tiles use the 128-byte swizzle of TMA and wgmma: HDIM / 64 slabs of R rows x 64 columns (128 bytes per
+// row), each 1024-byte aligned. dS^T is stored as keys x queries, queries contiguous: the transposed (MN-major)
+// A operand of dQ = dS K, whose B operand, K, is read transposed too.
+//
+// Defines: HDIM (64 or 128: the head dim rounded up), BLOCK_M (queries per step: 64 or 128), STAGES, IS_MASKED,
+// HAS_MOD; WGMMA_SS (N = BLOCK_M), WGMMA_RS (N = HDIM) and WGMMA_TT (N = DQ_N, both operands transposed).
+
+#define BLOCK_N 128
+#define NTHREADS 384
+#define SLAB(rows) ((rows) * 128)                // bytes of one 64-column slab
+#define KV_BYTES (BLOCK_N * HDIM * 2)
+#define QT_BYTES (BLOCK_M * HDIM * 2)            // a Q or dO tile
+#define DS_BYTES (BLOCK_N * BLOCK_M * 2)
+#define S_REGS (BLOCK_M / 2)                     // f32 accumulators of S^T (and dP^T) per thread
+#define ACC_REGS (HDIM / 2)                      // ... of dK (and dV)
+#define DQ_SPLIT_M (BLOCK_M == 128)              // consumers split dQ by rows (else by columns)
+#define DQ_N (DQ_SPLIT_M ? HDIM : HDIM / 2)      // dQ columns per consumer
+#define DQ_LD (DQ_N + 8)                         // floats per staging row: padding spreads the stores over banks
+#define RELEASES 8                               // one arrival per consumer warp frees a stage
+#define STATS_ARRIVALS 33                        // the TMA thread's and the statistics warp's
+#define PRODUCER_REGS 24
+#define CONSUMER_REGS 240
+static_assert(DQ_SPLIT_M || HDIM % 128 == 0, "a column split of dQ must fall on 64-column slabs");
+
+// ---------------------------------------------------------------------------------------------------------------
+// The CTA's keys and the steps that see them: query blocks [m_lo, m_lo + num_m) of each query head of the group.
+struct KeyBlock {
+    int b, hk, n0, group, m_lo, num_m, steps;
+    Seq seq;
+    Mask mask;
+    DEVICE int head(int st) const { return hk * group + st / num_m; }
+    DEVICE int m0(int st) const { return (m_lo + st % num_m) * BLOCK_M; }
+};
+
+DEVICE KeyBlock key_block(const AttnParams &p) {
+    KeyBlock kb;
+    kb.b = blockIdx.z;
+    kb.hk = blockIdx.y;
+    kb.n0 = blockIdx.x * BLOCK_N;
+    kb.group = p.heads_q / p.heads_kv;
+    kb.seq = sequence(p, kb.b);
+    kb.mask = make_mask(p, kb.seq);
+    kb.m_lo = 0;
+    int m_hi = (kb.seq.len_q + BLOCK_M - 1) / BLOCK_M;
+#if IS_MASKED
+    kb.m_lo = kb.mask.rows_lo(kb.n0) / BLOCK_M;
+    m_hi = min(m_hi, (kb.mask.rows_hi(kb.n0 + BLOCK_N, kb.seq.len_q) + BLOCK_M - 1) / BLOCK_M);
+#endif
+    kb.num_m = max(0, m_hi - kb.m_lo);
+    kb.steps = kb.num_m * kb.group;
+    return kb;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared memory: K, V, the Q and dO rings, two dS^T buffers, the consumers' dQ staging tiles, the statistics
+// ring (lse and D per stage), the mbarriers.
+struct Smem {
+    u32 k, v, q, dout, ds, dq, stats, bars;
+    DEVICE Smem(const void *raw) {
+        k = (smem_addr(raw) + 1023) & ~1023u;
+        v = k + KV_BYTES;
+        q = v + KV_BYTES;
+        dout = q + STAGES * QT_BYTES;
+        ds = dout + STAGES * QT_BYTES;
+        dq = ds + 2 * DS_BYTES;
+        stats = dq + 2 * 64 * DQ_LD * 4;
+        bars = stats + STAGES * 2 * BLOCK_M * 4;
+    }
+    DEVICE u32 lse(int stage) const { return stats + stage * 2 * BLOCK_M * 4; }
+    DEVICE u32 delta(int stage) const { return lse(stage) + BLOCK_M * 4; }
+    DEVICE u32 kv_full() const { return bars; }
+    DEVICE u32 full(int s) const { return bars + 8 + 16 * s; }
+    DEVICE u32 empty(int s) const { return bars + 16 + 16 * s; }
+};
+
+// The TMA thread: K and V once, then each step's Q and dO.
+DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, const TmaMap &tv, const TmaMap &tdo,
+                    const Smem &sm, const KeyBlock &kb) {
+    const int bq = p.cu_seqlens_q ? 0 : kb.b;  // a varlen map has one batch: sequences are rows
+    mbar_expect_tx(sm.kv_full(), 2 * KV_BYTES);
+    tma_tile(sm.k, BLOCK_N, tk, kb.seq.start_k + kb.n0, kb.hk, bq, sm.kv_full());
+    tma_tile(sm.v, BLOCK_N, tv, kb.seq.start_k + kb.n0, kb.hk, bq, sm.kv_full());
+    for (int st = 0; st < kb.steps; ++st) {
+        const int stage = st % STAGES, row = kb.seq.start_q + kb.m0(st), h = kb.head(st);
+        mbar_wait(sm.empty(stage), ((st / STAGES) & 1) ^ 1);
+        mbar_expect_tx(sm.full(stage), 2 * QT_BYTES);
+        tma_tile(sm.q + stage * QT_BYTES, BLOCK_M, tq, row, h, bq, sm.full(stage));
+        tma_tile(sm.dout + stage * QT_BYTES, BLOCK_M, tdo, row, h, bq, sm.full(stage));
+    }
+}
+
+// The statistics warp: each step's lse (in log2 units; +inf for rows past the sequence or that saw no key, so
+// that they pass no gradient) and D.
+DEVICE void load_stats(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
+    const int lane = threadIdx.x % 32;
+    for (int st = 0; st < kb.steps; ++st) {
+        const int stage = st % STAGES, m0 = kb.m0(st), h = kb.head(st);
+        mbar_wait(sm.empty(stage), ((st / STAGES) & 1) ^ 1);
+        for (int r = lane; r < BLOCK_M; r += 32) {
+            const int i = m0 + r;
+            const long long at = kb.b * p.lse_batch + h * p.lse_head + kb.seq.start_q + i;
+            const float l = i < kb.seq.len_q ? p.lse[at] : NEG_INF;
+            st_shared_f32(sm.lse(stage) + 4 * r, l == NEG_INF ? POS_INF : l * LOG2E);
+            st_shared_f32(sm.delta(stage) + 4 * r, i < kb.seq.len_q ? p.delta[at] : 0.f);
+        }
+        mbar_arrive(sm.full(stage));
+    }
+}
+
+// A consumer warpgroup: c owns keys [64c, 64c + 64) of the block; a thread holds keys r and r + 8.
+DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
+    const int c = threadIdx.x / 128 - 1, t = threadIdx.x % 128;
+    const int warp = t / 32, lane = t % 32;
+    // Operand descriptors: a base per tile plus a compile-time offset per k step (16-byte units).
+    // S^T, dP^T: A = this consumer's K or V rows, B = Q or dO, both K-major (k steps along the head dim).
+    const u64 k_a = smem_desc(sm.k + c * SLAB(64), 16, 1024), v_a = smem_desc(sm.v + c * SLAB(64), 16, 1024);
+    const u64 q_b = smem_desc(sm.q, 16, 1024), do_b = smem_desc(sm.dout, 16, 1024);
+    auto kmajor = [](u64 base, int rows, int kk) { return base + (((kk / 4) * SLAB(rows) + (kk % 4) * 32) >> 4); };
+    // dV, dK: B = dO or Q transposed (k steps along the queries).
+    const u64 do_t = smem_desc(sm.dout, SLAB(BLOCK_M), 1024), q_t = smem_desc(sm.q, SLAB(BLOCK_M), 1024);
+    // dQ: A = dS transposed (this consumer's 64 queries, or all), B = K transposed (all its columns, or a half).
+    const u64 ds_t = smem_desc(sm.ds + (DQ_SPLIT_M ? c * SLAB(BLOCK_N) : 0), SLAB(BLOCK_N), 1024);
+    const u64 k_t = smem_desc(sm.k + (DQ_SPLIT_M ? 0 : c * SLAB(BLOCK_N)), SLAB(BLOCK_N), 1024);
+    auto mnmajor = [](u64 base, int kk) { return base + ((kk * 16 * 128) >> 4); };
+
+    const int key_lo = kb.n0 + 64 * c;  // first key of this warpgroup
+    const int r0 = 64 * c + 16 * warp + lane / 4;  // this thread's first key row in the block
+    float dv[ACC_REGS], dk[ACC_REGS];
+#pragma unroll
+    for (int i = 0; i < ACC_REGS; ++i) dv[i] = dk[i] = 0.f;
+    const bool dq_thread = t < 64;  // issues the dQ reduction of one query row
+    const u32 staging = sm.dq + c * 64 * DQ_LD * 4;
+
+    mbar_wait(sm.kv_full(), 0);
+    for (int st = 0; st < kb.steps; ++st) {
+        const int stage = st % STAGES, m0 = kb.m0(st), h = kb.head(st);
+        const float slope = (HAS_MOD && p.alibi) ? p.alibi[kb.b * p.alibi_batch_stride + h] : 0.f;
+        mbar_wait(sm.full(stage), (st / STAGES) & 1);
+
+        float s[S_REGS], dp[S_REGS];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HDIM / 16; ++kk) {
+            WGMMA_SS(s, kmajor(k_a, BLOCK_N, kk), kmajor(q_b, BLOCK_M, kk) + ((stage * QT_BYTES) >> 4), kk > 0);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HDIM / 16; ++kk) {
+            WGMMA_SS(dp, kmajor(v_a, BLOCK_N, kk), kmajor(do_b, BLOCK_M, kk) + ((stage * QT_BYTES) >> 4), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(s);
+        reg_fence(dp);
+
+        // P^T and dS^T in place of S^T and dP^T.
+        const bool need_mask = !kb.mask.full(m0, m0 + BLOCK_M, key_lo, key_lo + 64);
+#pragma unroll
+        for (int q8 = 0; q8 < BLOCK_M / 8; ++q8) {
+            // The two query columns this thread holds in this 8-column tile: their lse and D in one load each.
+            const int col = 8 * q8 + 2 * (lane % 4);
+            const float2 lse2 = ld_shared_f2(sm.lse(stage) + 4 * col), delta2 = ld_shared_f2(sm.delta(stage) + 4 * col);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = m0 + col + e % 2, j = kb.n0 + r0 + 8 * (e / 2);
+                const float lse = e % 2 ? lse2.y : lse2.x, delta = e % 2 ? delta2.y : delta2.x;
+                float x = s[4 * q8 + e], dscore = p.scale, pr;
+                if (HAS_MOD) {
+                    x = score_mod(p, slope, i + kb.mask.shift - j, x, &dscore);
+                    pr = fast_exp2(x * LOG2E - lse);
+                } else {
+                    pr = fast_exp2(x * p.scale_log2 - lse);
+                }
+                if (need_mask && !kb.mask.visible(i, j)) pr = 0.f;
+                s[4 * q8 + e] = pr;
+                dp[4 * q8 + e] = pr * (dp[4 * q8 + e] - delta) * dscore;
+            }
+        }
+        // As 16-bit pairs, the A operand layout of wgmma (which is the accumulator's).
+        u32 pk[S_REGS / 2], dsk[S_REGS / 2];
+#pragma unroll
+        for (int i = 0; i < S_REGS / 2; ++i) {
+            pk[i] = pack2(s[2 * i], s[2 * i + 1]);
+            dsk[i] = pack2(dp[2 * i], dp[2 * i + 1]);
+        }
+
+        // dV += P^T dO, dK += dS^T Q: issued, waited for after dQ.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
+            WGMMA_RS(dv, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
+                     mnmajor(do_t, kk) + ((stage * QT_BYTES) >> 4), 1);
+        }
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
+            WGMMA_RS(dk, dsk[4 * kk], dsk[4 * kk + 1], dsk[4 * kk + 2], dsk[4 * kk + 3],
+                     mnmajor(q_t, kk) + ((stage * QT_BYTES) >> 4), 1);
+        }
+        wgmma_commit();
+
+        // dS^T (keys x queries, swizzled) to this step's buffer. The other consumer finished reading it two
+        // steps ago: it passed the last step's barrier below only after waiting for its dQ product.
+        const int buf = st & 1;
+#pragma unroll
+        for (int i = 0; i < S_REGS / 2; ++i) {
+            const int r = r0 + 8 * (i % 2), q = 8 * (i / 2) + 2 * (lane % 4);
+            const u32 at = sm.ds + buf * DS_BYTES + (q / 64) * SLAB(BLOCK_N) + r * 128 +
+                           ((((q % 64) / 8) ^ (r % 8)) * 16) + (q % 8) * 2;
+            st_shared(at, dsk[i]);
+        }
+        fence_proxy_async();
+        named_sync(1, 256);  // both halves of dS^T are in
+
+        float dq[DQ_N / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) WGMMA_TT(dq, mnmajor(ds_t, kk) + ((buf * DS_BYTES) >> 4), mnmajor(k_t, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dv);
+        reg_fence(dk);
+        reg_fence(dq);
+        reg_fence(pk);
+        reg_fence(dsk);
+        if (lane == 0) mbar_arrive(sm.empty(stage));  // Q, dO and the statistics of this stage are free
+
+        // dQ through the staging tile (free once the last step's reductions have read it) to one bulk
+        // reduce-add per query row.
+        if (dq_thread) bulk_wait_read();
+        named_sync(2 + c, 128);
+#pragma unroll
+        for (int i = 0; i < DQ_N / 2; i += 2) {
+            const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4);
+            st_shared_f2(staging + 4 * (row * DQ_LD + col), dq[i], dq[i + 1]);
+        }
+        fence_proxy_async();
+        named_sync(2 + c, 128);
+        const int qrow = m0 + (DQ_SPLIT_M ? 64 * c : 0) + t;
+        if (dq_thread && qrow < kb.seq.len_q) {
+            float *dst = p.dq_accum + (q_token(p, kb.b, kb.seq, qrow) * p.heads_q + h) * HDIM + (DQ_SPLIT_M ? 0 : c * DQ_N);
+            bulk_reduce_add_f32(dst, staging + 4 * t * DQ_LD, DQ_N * 4);
+        }
+    }
+    if (dq_thread) bulk_wait_all();
+
+    // dK and dV of this warpgroup's keys.
+    const long long base = kb.b * p.dk_batch + kb.hk * p.dk_head;  // batch strides are 0 when varlen
+#pragma unroll
+    for (int i = 0; i < ACC_REGS; i += 2) {
+        const int r = r0 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4);
+        const int key = kb.n0 + r;
+        if (key < kb.seq.len_k && col < p.head_dim) {
+            const long long at = base + (long long)(kb.seq.start_k + key) * p.dk_row + col;
+            *(u32 *)(p.dk + at) = pack2(dk[i], dk[i + 1]);
+            *(u32 *)(p.dv + at) = pack2(dv[i], dv[i + 1]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+    flash_bwd_sm90(const __grid_constant__ AttnParams p, const __grid_constant__ TmaMap tq,
+                   const __grid_constant__ TmaMap tk, const __grid_constant__ TmaMap tv,
+                   const __grid_constant__ TmaMap tdo) {
+    extern __shared__ unsigned char smem_raw[];
+    const Smem sm(smem_raw);
+    const KeyBlock kb = key_block(p);
+    if (kb.n0 >= kb.seq.len_k) return;  // past a short sequence's keys
+    if (threadIdx.x == 0) {
+        mbar_init(sm.kv_full(), 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(sm.full(s), STATS_ARRIVALS);
+            mbar_init(sm.empty(s), RELEASES);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (threadIdx.x < 128) {
+        setmaxnreg_dec<PRODUCER_REGS>();
+        if (threadIdx.x == 0) produce(p, tq, tk, tv, tdo, sm, kb);
+        if (threadIdx.x / 32 == 1) load_stats(p, sm, kb);
+    } else {
+        setmaxnreg_inc<CONSUMER_REGS>();
+        consume(p, sm, kb);
+    }
+}

@@ -1,0 +1,87 @@
+// Shared pieces of the Hopper (sm_90a) kernels: tensor maps and TMA copies, mbarriers, wgmma, shared-memory
+// matrix descriptors, register reallocation and named barriers. Included after common.cuh.
+
+// A CUtensorMap, passed by value.
+struct __align__(64) TmaMap {
+    u64 words[16];
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// mbarriers, TMA, wgmma, register reallocation.
+DEVICE void mbar_init(u32 bar, int count) { asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count)); }
+DEVICE void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+DEVICE void mbar_arrive(u32 bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
+DEVICE void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// Box (64 columns, rows) at (col, row, head, batch) of a 4-D tensor map into shared memory; completes on `bar`.
+DEVICE void tma_load(u32 dst, const TmaMap &map, int col, int row, int head, int batch, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 ::"r"(dst), "l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar) : "memory");
+}
+
+// A tile of `rows` rows from `row` on: one box per 64-column slab, each SLAB(rows) bytes.
+DEVICE void tma_tile(u32 dst, int rows, const TmaMap &map, int row, int head, int batch, u32 bar) {
+#pragma unroll
+    for (int s = 0; s < HDIM / 64; ++s) tma_load(dst + s * rows * 128, map, 64 * s, row, head, batch, bar);
+}
+
+DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+DEVICE void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// The compiler does not know that wgmma.wait_group writes the accumulators: make it think this does.
+// Registers a wgmma reads (A operands) get the same fence: they may be rewritten only after it.
+template <int N>
+DEVICE void reg_fence(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int N>
+DEVICE void reg_fence(u32 (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled tile (address and offsets in bytes).
+DEVICE u64 smem_desc(u32 addr, u32 leading, u32 stride) {
+    return (u64)((addr & 0x3ffff) >> 4) | ((u64)(leading >> 4) << 16) | ((u64)(stride >> 4) << 32) | (1ull << 62);
+}
+
+DEVICE void st_shared(u32 addr, int v) { asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory"); }
+DEVICE int ld_shared(u32 addr) {
+    int v;
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+    return v;
+}
+
+DEVICE void st_shared_f32(u32 addr, float v) { asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory"); }
+DEVICE void st_shared_f2(u32 addr, float x, float y) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+DEVICE float2 ld_shared_f2(u32 addr) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+    return v;
+}
+
+template <int REGS>
+DEVICE void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS>
+DEVICE void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+// Barrier `id` (1-15; 0 is __syncthreads) among `threads` threads, whole warps.
+DEVICE void named_sync(int id, int threads) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory"); }
