@@ -107,6 +107,9 @@ pub fn hopper_head_dim(d: usize, pass: Pass) -> Option<usize> {
 /// Queries per step of the Hopper backward: 128 where the registers allow (S^T and dP^T are 64 x BLOCK_M per
 /// consumer beside dK and dV), else 64. Its key blocks are 128 rows, its Q / dO ring 2 deep.
 fn hopper_bwd_block_m(hdim: usize) -> usize {
+    if let Some(&[block_m]) = tile_override(3) {
+        return block_m;
+    }
     if hdim <= 64 {
         128
     } else {
@@ -118,10 +121,12 @@ const HOPPER_BWD_STAGES: usize = 2;
 
 /// Tile overrides for kernel tuning, from the environment (every variant of the family takes them; unset in
 /// normal use): `FLASHATTN_FWD_TILES=block_m,block_n,sub_n,warps,s_unroll`,
-/// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d` and `FLASHATTN_SM90_TILES=consumers,block_n,stages`.
+/// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d`, `FLASHATTN_SM90_TILES=consumers,block_n,stages` and
+/// `FLASHATTN_SM90_BWD_TILES=block_m`.
 /// Read once per process: a loaded kernel must be launched with the geometry it was compiled for.
 fn tile_override(var: usize) -> Option<&'static [usize]> {
-    const VARS: [&str; 3] = ["FLASHATTN_FWD_TILES", "FLASHATTN_BWD_TILES", "FLASHATTN_SM90_TILES"];
+    const VARS: [&str; 4] =
+        ["FLASHATTN_FWD_TILES", "FLASHATTN_BWD_TILES", "FLASHATTN_SM90_TILES", "FLASHATTN_SM90_BWD_TILES"];
     static OVERRIDES: std::sync::OnceLock<Vec<Option<Vec<usize>>>> = std::sync::OnceLock::new();
     let read = |var: &str| -> Option<Vec<usize>> {
         let v: Vec<usize> = std::env::var(var).ok()?.split(',').filter_map(|x| x.trim().parse().ok()).collect();
@@ -241,13 +246,13 @@ impl Variant {
             (Family::Hopper, Pass::Backward) => {
                 let (m, n, stages) = (self.block_m(), HOPPER_BWD_BLOCK_N, HOPPER_BWD_STAGES);
                 // Alignment slack, K and V, the Q and dO ring, two dS^T buffers, two f32 dQ staging tiles of 64
-                // rows (padded by 8), lse and D per stage, the mbarriers (1 + 2 per stage).
+                // rows (padded by 8), lse and D per stage, the mbarriers (1, 2 per stage, 2 per dS^T buffer).
                 let staging = 2 * 64 * (self.hopper_dq_cols() + 8) * 4;
                 return 1024
                     + 2 * (2 * n * self.hdim + 2 * stages * m * self.hdim + 2 * n * m)
                     + staging
                     + stages * 2 * m * 4
-                    + 8 * (1 + 2 * stages);
+                    + 8 * (1 + 2 * stages + 4);
             }
             _ => {}
         }

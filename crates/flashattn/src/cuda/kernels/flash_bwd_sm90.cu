@@ -7,9 +7,11 @@
 //   arrivals) and an "empty" one (one arrival per consumer warp);
 // - two consumer warpgroups compute, each owning 64 of the keys and holding their dK and dV in registers:
 //   S^T = K Q^T and dP^T = V dO^T (wgmma, both operands in shared memory), P^T = exp2(S^T - lse),
-//   dS^T = P^T (dP^T - D) * dscore, dV += P^T dO and dK += dS^T Q (wgmma with P^T, dS^T from registers), then
-//   dS^T through shared memory (double-buffered, both warpgroups' halves) for dQ = dS K, which goes through a
-//   staging tile to one bulk reduce-add per query row into the f32 dQ accumulator.
+//   dS^T = P^T (dP^T - D) * dscore, dV += P^T dO and dK += dS^T Q (wgmma with P^T, dS^T from registers; P^T is
+//   computed under dP^T and, with 64-query steps, dS^T under dV), then
+//   dS^T through shared memory (double-buffered, both warpgroups' halves, handed over by mbarriers) for
+//   dQ = dS K, computed one step later, which goes through a staging tile to one bulk reduce-add per query row
+//   into the f32 dQ accumulator.
 // dQ = dS K is split between the consumers by query rows when a step has 128 of them, else by 64-column slabs.
 //
 // Shared tiles use the 128-byte swizzle of TMA and wgmma: HDIM / 64 slabs of R rows x 64 columns (128 bytes per
@@ -30,11 +32,13 @@
 #define DQ_SPLIT_M (BLOCK_M == 128)              // consumers split dQ by rows (else by columns)
 #define DQ_N (DQ_SPLIT_M ? HDIM : HDIM / 2)      // dQ columns per consumer
 #define DQ_LD (DQ_N + 8)                         // floats per staging row: padding spreads the stores over banks
+// Issue dV += P^T dO before computing dS^T (which then runs under it): P^T, dS^T and dP^T are live at once, which
+// fits the registers with 64-query steps only (at 128 ptxas spills, and it was 10% slower).
+#define EARLY_DV (BLOCK_M == 64)
 #define RELEASES 8                               // one arrival per consumer warp frees a stage
 #define STATS_ARRIVALS 33                        // the TMA thread's and the statistics warp's
 #define PRODUCER_REGS 24
 #define CONSUMER_REGS 240
-static_assert(DQ_SPLIT_M || HDIM % 128 == 0, "a column split of dQ must fall on 64-column slabs");
 
 // ---------------------------------------------------------------------------------------------------------------
 // The CTA's keys and the steps that see them: query blocks [m_lo, m_lo + num_m) of each query head of the group.
@@ -67,7 +71,7 @@ DEVICE KeyBlock key_block(const AttnParams &p) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared memory: K, V, the Q and dO rings, two dS^T buffers, the consumers' dQ staging tiles, the statistics
-// ring (lse and D per stage), the mbarriers.
+// ring (lse and D per stage), the mbarriers (K and V; full and empty per stage and per dS^T buffer).
 struct Smem {
     u32 k, v, q, dout, ds, dq, stats, bars;
     DEVICE Smem(const void *raw) {
@@ -85,6 +89,8 @@ struct Smem {
     DEVICE u32 kv_full() const { return bars; }
     DEVICE u32 full(int s) const { return bars + 8 + 16 * s; }
     DEVICE u32 empty(int s) const { return bars + 16 + 16 * s; }
+    DEVICE u32 ds_full(int buf) const { return bars + 8 + 16 * STAGES + 16 * buf; }
+    DEVICE u32 ds_empty(int buf) const { return bars + 16 + 16 * STAGES + 16 * buf; }
 };
 
 // The TMA thread: K and V once, then each step's Q and dO.
@@ -134,7 +140,8 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
     const u64 do_t = smem_desc(sm.dout, SLAB(BLOCK_M), 1024), q_t = smem_desc(sm.q, SLAB(BLOCK_M), 1024);
     // dQ: A = dS transposed (this consumer's 64 queries, or all), B = K transposed (all its columns, or a half).
     const u64 ds_t = smem_desc(sm.ds + (DQ_SPLIT_M ? c * SLAB(BLOCK_N) : 0), SLAB(BLOCK_N), 1024);
-    const u64 k_t = smem_desc(sm.k + (DQ_SPLIT_M ? 0 : c * SLAB(BLOCK_N)), SLAB(BLOCK_N), 1024);
+    const int dq_col = DQ_SPLIT_M ? 0 : c * DQ_N;
+    const u64 k_t = smem_desc(sm.k + (dq_col / 64) * SLAB(BLOCK_N) + (dq_col % 64) * 2, SLAB(BLOCK_N), 1024);
     auto mnmajor = [](u64 base, int kk) { return base + ((kk * 16 * 128) >> 4); };
 
     const int key_lo = kb.n0 + 64 * c;  // first key of this warpgroup
@@ -144,6 +151,35 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
     for (int i = 0; i < ACC_REGS; ++i) dv[i] = dk[i] = 0.f;
     const bool dq_thread = t < 64;  // issues the dQ reduction of one query row
     const u32 staging = sm.dq + c * 64 * DQ_LD * 4;
+
+    // dQ = dS K of step st, through the staging tile (free once the last reductions have read it) to one bulk
+    // reduce-add per query row.
+    auto dq_step = [&](int st) {
+        const int buf = st & 1, h = kb.head(st);
+        mbar_wait(sm.ds_full(buf), (st / 2) & 1);
+        float dq[DQ_N / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) WGMMA_TT(dq, mnmajor(ds_t, kk) + ((buf * DS_BYTES) >> 4), mnmajor(k_t, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dq);
+        if (lane == 0) mbar_arrive(sm.ds_empty(buf));
+        if (dq_thread) bulk_wait_read();
+        named_sync(2 + c, 128);
+#pragma unroll
+        for (int i = 0; i < DQ_N / 2; i += 2) {
+            const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4);
+            st_shared_f2(staging + 4 * (row * DQ_LD + col), dq[i], dq[i + 1]);
+        }
+        fence_proxy_async();
+        named_sync(2 + c, 128);
+        const int qrow = kb.m0(st) + (DQ_SPLIT_M ? 64 * c : 0) + t;
+        if (dq_thread && qrow < kb.seq.len_q) {
+            float *dst = p.dq_accum + (q_token(p, kb.b, kb.seq, qrow) * p.heads_q + h) * HDIM + dq_col;
+            bulk_reduce_add_f32(dst, staging + 4 * t * DQ_LD, DQ_N * 4);
+        }
+    };
 
     mbar_wait(sm.kv_full(), 0);
     for (int st = 0; st < kb.steps; ++st) {
@@ -157,53 +193,92 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
         for (int kk = 0; kk < HDIM / 16; ++kk) {
             WGMMA_SS(s, kmajor(k_a, BLOCK_N, kk), kmajor(q_b, BLOCK_M, kk) + ((stage * QT_BYTES) >> 4), kk > 0);
         }
+        wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < HDIM / 16; ++kk) {
             WGMMA_SS(dp, kmajor(v_a, BLOCK_N, kk), kmajor(do_b, BLOCK_M, kk) + ((stage * QT_BYTES) >> 4), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence(s);
-        reg_fence(dp);
 
-        // P^T and dS^T in place of S^T and dP^T.
+        // P^T and d score / d (q.k) of the thread's four elements of 8-query tile q8.
         const bool need_mask = !kb.mask.full(m0, m0 + BLOCK_M, key_lo, key_lo + 64);
-#pragma unroll
-        for (int q8 = 0; q8 < BLOCK_M / 8; ++q8) {
-            // The two query columns this thread holds in this 8-column tile: their lse and D in one load each.
+        auto probabilities = [&](int q8, float(&pr)[4], float(&dscore)[4]) {
+            // The two query columns this thread holds in the tile: their lse in one load.
             const int col = 8 * q8 + 2 * (lane % 4);
-            const float2 lse2 = ld_shared_f2(sm.lse(stage) + 4 * col), delta2 = ld_shared_f2(sm.delta(stage) + 4 * col);
+            const float2 lse2 = ld_shared_f2(sm.lse(stage) + 4 * col);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = m0 + col + e % 2, j = kb.n0 + r0 + 8 * (e / 2);
-                const float lse = e % 2 ? lse2.y : lse2.x, delta = e % 2 ? delta2.y : delta2.x;
-                float x = s[4 * q8 + e], dscore = p.scale, pr;
+                const float lse = e % 2 ? lse2.y : lse2.x;
+                float x = s[4 * q8 + e];
+                dscore[e] = p.scale;
                 if (HAS_MOD) {
-                    x = score_mod(p, slope, i + kb.mask.shift - j, x, &dscore);
-                    pr = fast_exp2(x * LOG2E - lse);
+                    x = score_mod(p, slope, i + kb.mask.shift - j, x, &dscore[e]);
+                    pr[e] = fast_exp2(x * LOG2E - lse);
                 } else {
-                    pr = fast_exp2(x * p.scale_log2 - lse);
+                    pr[e] = fast_exp2(x * p.scale_log2 - lse);
                 }
-                if (need_mask && !kb.mask.visible(i, j)) pr = 0.f;
-                s[4 * q8 + e] = pr;
-                dp[4 * q8 + e] = pr * (dp[4 * q8 + e] - delta) * dscore;
+                if (need_mask && !kb.mask.visible(i, j)) pr[e] = 0.f;
             }
-        }
-        // As 16-bit pairs, the A operand layout of wgmma (which is the accumulator's).
+        };
+        auto delta = [&](int q8) { return ld_shared_f2(sm.delta(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
+        // P^T and dS^T = P^T (dP^T - D) dscore as 16-bit pairs: the A operand layout of wgmma is the
+        // accumulator's.
         u32 pk[S_REGS / 2], dsk[S_REGS / 2];
+        auto issue_dv = [&]() {
+            wgmma_fence();
 #pragma unroll
-        for (int i = 0; i < S_REGS / 2; ++i) {
-            pk[i] = pack2(s[2 * i], s[2 * i + 1]);
-            dsk[i] = pack2(dp[2 * i], dp[2 * i + 1]);
+            for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
+                WGMMA_RS(dv, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
+                         mnmajor(do_t, kk) + ((stage * QT_BYTES) >> 4), 1);
+            }
+            wgmma_commit();
+        };
+        if (EARLY_DV) {
+            // P^T under dP^T, then dS^T under dV += P^T dO; s keeps P^T dscore in between.
+            wgmma_wait<1>();
+            reg_fence(s);
+#pragma unroll
+            for (int q8 = 0; q8 < BLOCK_M / 8; ++q8) {
+                float pr[4], dscore[4];
+                probabilities(q8, pr, dscore);
+                pk[2 * q8] = pack2(pr[0], pr[1]);
+                pk[2 * q8 + 1] = pack2(pr[2], pr[3]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[4 * q8 + e] = pr[e] * dscore[e];
+            }
+            issue_dv();
+            wgmma_wait<1>();
+            reg_fence(dp);
+#pragma unroll
+            for (int q8 = 0; q8 < BLOCK_M / 8; ++q8) {
+                const float2 d2 = delta(q8);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dp[4 * q8 + e] = s[4 * q8 + e] * (dp[4 * q8 + e] - (e % 2 ? d2.y : d2.x));
+            }
+        } else {
+            // Both at once, with fewer registers live.
+            wgmma_wait<0>();
+            reg_fence(s);
+            reg_fence(dp);
+#pragma unroll
+            for (int q8 = 0; q8 < BLOCK_M / 8; ++q8) {
+                float pr[4], dscore[4];
+                probabilities(q8, pr, dscore);
+                const float2 d2 = delta(q8);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s[4 * q8 + e] = pr[e];
+                    dp[4 * q8 + e] = pr[e] * (dp[4 * q8 + e] - (e % 2 ? d2.y : d2.x)) * dscore[e];
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < S_REGS / 2; ++i) pk[i] = pack2(s[2 * i], s[2 * i + 1]);
+            issue_dv();
         }
-
-        // dV += P^T dO, dK += dS^T Q: issued, waited for after dQ.
+#pragma unroll
+        for (int i = 0; i < S_REGS / 2; ++i) dsk[i] = pack2(dp[2 * i], dp[2 * i + 1]);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
-            WGMMA_RS(dv, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
-                     mnmajor(do_t, kk) + ((stage * QT_BYTES) >> 4), 1);
-        }
 #pragma unroll
         for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
             WGMMA_RS(dk, dsk[4 * kk], dsk[4 * kk + 1], dsk[4 * kk + 2], dsk[4 * kk + 3],
@@ -211,9 +286,11 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
         }
         wgmma_commit();
 
-        // dS^T (keys x queries, swizzled) to this step's buffer. The other consumer finished reading it two
-        // steps ago: it passed the last step's barrier below only after waiting for its dQ product.
+        // dS^T (keys x queries, swizzled) to this step's buffer, once both consumers' dQ products of step st - 2
+        // are done with it; then dQ of the previous step, whose dS^T halves are both in by now (a step later,
+        // so that the consumers need not meet: they drift apart and their elementwise passes interleave).
         const int buf = st & 1;
+        mbar_wait(sm.ds_empty(buf), ((st / 2) & 1) ^ 1);
 #pragma unroll
         for (int i = 0; i < S_REGS / 2; ++i) {
             const int r = r0 + 8 * (i % 2), q = 8 * (i / 2) + 2 * (lane % 4);
@@ -222,38 +299,19 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
             st_shared(at, dsk[i]);
         }
         fence_proxy_async();
-        named_sync(1, 256);  // both halves of dS^T are in
-
-        float dq[DQ_N / 2];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) WGMMA_TT(dq, mnmajor(ds_t, kk) + ((buf * DS_BYTES) >> 4), mnmajor(k_t, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
+        mbar_arrive(sm.ds_full(buf));
+        if (st > 0) {
+            dq_step(st - 1);  // waits for every product in flight
+        } else {
+            wgmma_wait<0>();
+        }
         reg_fence(dv);
         reg_fence(dk);
-        reg_fence(dq);
         reg_fence(pk);
         reg_fence(dsk);
         if (lane == 0) mbar_arrive(sm.empty(stage));  // Q, dO and the statistics of this stage are free
-
-        // dQ through the staging tile (free once the last step's reductions have read it) to one bulk
-        // reduce-add per query row.
-        if (dq_thread) bulk_wait_read();
-        named_sync(2 + c, 128);
-#pragma unroll
-        for (int i = 0; i < DQ_N / 2; i += 2) {
-            const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4);
-            st_shared_f2(staging + 4 * (row * DQ_LD + col), dq[i], dq[i + 1]);
-        }
-        fence_proxy_async();
-        named_sync(2 + c, 128);
-        const int qrow = m0 + (DQ_SPLIT_M ? 64 * c : 0) + t;
-        if (dq_thread && qrow < kb.seq.len_q) {
-            float *dst = p.dq_accum + (q_token(p, kb.b, kb.seq, qrow) * p.heads_q + h) * HDIM + (DQ_SPLIT_M ? 0 : c * DQ_N);
-            bulk_reduce_add_f32(dst, staging + 4 * t * DQ_LD, DQ_N * 4);
-        }
     }
+    if (kb.steps > 0) dq_step(kb.steps - 1);
     if (dq_thread) bulk_wait_all();
 
     // dK and dV of this warpgroup's keys.
@@ -284,6 +342,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(sm.full(s), STATS_ARRIVALS);
             mbar_init(sm.empty(s), RELEASES);
+        }
+        for (int buf = 0; buf < 2; ++buf) {
+            mbar_init(sm.ds_full(buf), 256);  // every consumer thread's part of dS^T
+            mbar_init(sm.ds_empty(buf), RELEASES);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
