@@ -149,11 +149,13 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
     float dv[ACC_REGS], dk[ACC_REGS];
 #pragma unroll
     for (int i = 0; i < ACC_REGS; ++i) dv[i] = dk[i] = 0.f;
-    const bool dq_thread = t < 64;  // issues the dQ reduction of one query row
+    const bool dq_lane = lane % 2 == 0;  // issues the dQ reduction of row dq_row (of the consumer's 64)
+    const int dq_row = 16 * warp + lane / 2;
     const u32 staging = sm.dq + c * 64 * DQ_LD * 4;
 
     // dQ = dS K of step st, through the staging tile (free once the last reductions have read it) to one bulk
-    // reduce-add per query row.
+    // reduce-add per query row. A warp holds 16 rows of dQ: its even lanes issue their reductions, so the staging
+    // needs only warp-level synchronization.
     auto dq_step = [&](int st) {
         const int buf = st & 1, h = kb.head(st);
         mbar_wait(sm.ds_full(buf), (st / 2) & 1);
@@ -165,19 +167,19 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
         wgmma_wait<0>();
         reg_fence(dq);
         if (lane == 0) mbar_arrive(sm.ds_empty(buf));
-        if (dq_thread) bulk_wait_read();
-        named_sync(2 + c, 128);
+        if (dq_lane) bulk_wait_read();
+        __syncwarp();
 #pragma unroll
         for (int i = 0; i < DQ_N / 2; i += 2) {
             const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4);
             st_shared_f2(staging + 4 * (row * DQ_LD + col), dq[i], dq[i + 1]);
         }
         fence_proxy_async();
-        named_sync(2 + c, 128);
-        const int qrow = kb.m0(st) + (DQ_SPLIT_M ? 64 * c : 0) + t;
-        if (dq_thread && qrow < kb.seq.len_q) {
+        __syncwarp();
+        const int qrow = kb.m0(st) + (DQ_SPLIT_M ? 64 * c : 0) + dq_row;
+        if (dq_lane && qrow < kb.seq.len_q) {
             float *dst = p.dq_accum + (q_token(p, kb.b, kb.seq, qrow) * p.heads_q + h) * HDIM + dq_col;
-            bulk_reduce_add_f32(dst, staging + 4 * t * DQ_LD, DQ_N * 4);
+            bulk_reduce_add_f32(dst, staging + 4 * dq_row * DQ_LD, DQ_N * 4);
         }
     };
 
@@ -312,7 +314,7 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
         if (lane == 0) mbar_arrive(sm.empty(stage));  // Q, dO and the statistics of this stage are free
     }
     if (kb.steps > 0) dq_step(kb.steps - 1);
-    if (dq_thread) bulk_wait_all();
+    if (dq_lane) bulk_wait_all();
 
     // dK and dV of this warpgroup's keys.
     const long long base = kb.b * p.dk_batch + kb.hk * p.dk_head;  // batch strides are 0 when varlen

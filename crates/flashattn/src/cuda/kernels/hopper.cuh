@@ -1,5 +1,5 @@
 // Shared pieces of the Hopper (sm_90a) kernels: tensor maps and TMA copies, mbarriers, wgmma, shared-memory
-// matrix descriptors, register reallocation and named barriers. Included after common.cuh.
+// matrix descriptors and register reallocation. Included after common.cuh.
 
 // A CUtensorMap, passed by value.
 struct __align__(64) TmaMap {
@@ -82,6 +82,3 @@ template <int REGS>
 DEVICE void setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
 }
-
-// Barrier `id` (1-15; 0 is __syncthreads) among `threads` threads, whole warps.
-DEVICE void named_sync(int id, int threads) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory"); }
