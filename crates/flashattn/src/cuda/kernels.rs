@@ -245,9 +245,9 @@ impl Variant {
             }
             (Family::Hopper, Pass::Backward) => {
                 let (m, n, stages) = (self.block_m(), HOPPER_BWD_BLOCK_N, HOPPER_BWD_STAGES);
-                // Alignment slack, K and V, the Q and dO ring, two dS^T buffers, two f32 dQ staging tiles of 64
-                // rows (padded by 8), lse and D per stage, the mbarriers (1, 2 per stage, 2 per dS^T buffer).
-                let staging = 2 * 64 * (self.hopper_dq_cols() + 8) * 4;
+                // Alignment slack, K and V, the Q and dO ring, two dS^T buffers, the consumers' f32 dQ staging
+                // (64 rows each), lse and D per stage, the mbarriers (1, 2 per stage, 2 per dS^T buffer).
+                let staging = 2 * 64 * self.hopper_dq_cols() * 4;
                 return 1024
                     + 2 * (2 * n * self.hdim + 2 * stages * m * self.hdim + 2 * n * m)
                     + staging

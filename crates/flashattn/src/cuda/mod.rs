@@ -400,7 +400,23 @@ impl Gpu {
             batch,
             strides: strides3(&t.strides),
         };
-        tma::tile_map(&layout, plan.dtype(), box_rows)
+        tma::tile_map(&layout, tma::Elem::Half(plan.dtype()), box_rows)
+    }
+
+    /// The TMA map of the backward's f32 dQ accumulator, (token, head_q, hdim), for reductions of 16-row boxes.
+    fn dq_accum_map(&self, plan: &Plan, acc: &CudaSlice<f32>, hdim: usize) -> Result<tma::TmaMap> {
+        let tokens = acc.len() / (plan.heads_q * hdim);
+        let (rows, batch) = if plan.varlen { (tokens, 1) } else { (plan_max(&plan.len_q), plan.batch) };
+        let row = (plan.heads_q * hdim) as i64;
+        let layout = tma::Layout {
+            ptr: acc.device_ptr(&self.stream).0,
+            head_dim: hdim,
+            rows: rows.max(1),
+            heads: plan.heads_q,
+            batch,
+            strides: (row * rows as i64, row, hdim as i64),
+        };
+        tma::tile_map(&layout, tma::Elem::F32, 16)
     }
 
     /// Flash backward on device tensors: dq (q's shape), dk and dv (k's shape), contiguous.
@@ -483,8 +499,9 @@ impl Gpu {
                 self.tensor_map(&plan, k, Side::Key, n)?,
                 self.tensor_map(&plan, v, Side::Key, n)?,
                 self.tensor_map(&plan, dout, Side::Query, m)?,
+                self.dq_accum_map(&plan, &dq_accum, variant.hdim)?,
             ];
-            launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]);
+            launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]).arg(&maps[4]);
         }
         unsafe { launch.launch(main) }.map_err(driver_err("launching the backward kernel"))?;
         // The output o is read through p.o; dq is written through p.dq by the conversion, with o's row layout.

@@ -12,8 +12,15 @@ pub(crate) struct TmaMap([u64; 16]);
 // SAFETY: an opaque block of bytes the driver filled in, passed by value as a kernel argument.
 unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
 
-/// Where a (batch, rows, heads, head_dim) tensor of 16-bit elements lies: its address, its sizes and its
-/// element strides (batch, row, head); the last dimension is contiguous.
+/// The element types a map can read: the inputs' 16-bit ones, and f32 (the backward's dQ accumulator).
+#[derive(Clone, Copy)]
+pub(crate) enum Elem {
+    Half(DType),
+    F32,
+}
+
+/// Where a (batch, rows, heads, head_dim) tensor lies: its address, its sizes and its element strides (batch,
+/// row, head); the last dimension is contiguous.
 pub(crate) struct Layout {
     pub ptr: u64,
     pub head_dim: usize,
@@ -23,21 +30,24 @@ pub(crate) struct Layout {
     pub strides: (i64, i64, i64),
 }
 
-/// The map of `t` read in boxes of 64 columns x `box_rows` rows, stored in shared memory with the 128-byte
-/// swizzle that wgmma reads; reads past the tensor's edges fill zeros.
-pub(crate) fn tile_map(t: &Layout, dtype: DType, box_rows: usize) -> Result<TmaMap> {
+/// The map of `t` in boxes of 128 bytes of columns (64 16-bit elements or 32 floats) x `box_rows` rows, laid out
+/// in shared memory with the 128-byte swizzle that wgmma reads; reads past the tensor's edges fill zeros, writes
+/// there are dropped.
+pub(crate) fn tile_map(t: &Layout, elem: Elem, box_rows: usize) -> Result<TmaMap> {
     let (batch_stride, row_stride, head_stride) = t.strides;
     // A batch of one (variable-length batches) has no batch stride, and a contiguous tensor with no rows has a
     // zero one: TMA wants a positive multiple of 16 bytes, and any will do since no box reads there.
     let batch_stride = if t.batch == 1 || batch_stride == 0 { row_stride * t.rows.max(1) as i64 } else { batch_stride };
     let dims = [t.head_dim, t.rows, t.heads, t.batch].map(|d| d as u64);
-    let strides = [row_stride, head_stride, batch_stride].map(|s| 2 * s as u64);
-    let boxes: [u32; 4] = [64, box_rows as u32, 1, 1];
-    let unit = [1u32; 4];
-    let data_type = match dtype {
-        DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    use sys::CUtensorMapDataType as T;
+    let (data_type, bytes) = match elem {
+        Elem::Half(DType::BF16) => (T::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2),
+        Elem::Half(_) => (T::CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2),
+        Elem::F32 => (T::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4),
     };
+    let strides = [row_stride, head_stride, batch_stride].map(|s| bytes * s as u64);
+    let boxes: [u32; 4] = [128 / bytes as u32, box_rows as u32, 1, 1];
+    let unit = [1u32; 4];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
     // SAFETY: every array has the rank's length (strides one less); the map is written by the driver.
     let r = unsafe {

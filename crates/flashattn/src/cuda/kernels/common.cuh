@@ -107,10 +107,11 @@ DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 // Hopper's bulk copy engine: generic-proxy shared-memory writes become visible to it after this fence.
 DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #if __CUDA_ARCH__ >= 900
+DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // dst[0 .. bytes/4) += src[...] (f32), asynchronously, in the bulk group of the issuing thread.
 DEVICE void bulk_reduce_add_f32(float *dst, u32 src, int bytes) {
     asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    bulk_commit();
 }
 // Waits until this thread's bulk operations have read their shared-memory sources / have completed.
 DEVICE void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }

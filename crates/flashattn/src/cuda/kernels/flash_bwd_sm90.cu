@@ -10,8 +10,8 @@
 //   dS^T = P^T (dP^T - D) * dscore, dV += P^T dO and dK += dS^T Q (wgmma with P^T, dS^T from registers; P^T is
 //   computed under dP^T and, with 64-query steps, dS^T under dV), then
 //   dS^T through shared memory (double-buffered, both warpgroups' halves, handed over by mbarriers) for
-//   dQ = dS K, computed one step later, which goes through a staging tile to one bulk reduce-add per query row
-//   into the f32 dQ accumulator.
+//   dQ = dS K, computed one step later, which each warp adds to the f32 dQ accumulator by TMA (reduce-add of
+//   its 16 rows, staged in shared memory).
 // dQ = dS K is split between the consumers by query rows when a step has 128 of them, else by 64-column slabs.
 //
 // Shared tiles use the 128-byte swizzle of TMA and wgmma: HDIM / 64 slabs of R rows x 64 columns (128 bytes per
@@ -31,7 +31,7 @@
 #define ACC_REGS (HDIM / 2)                      // ... of dK (and dV)
 #define DQ_SPLIT_M (BLOCK_M == 128)              // consumers split dQ by rows (else by columns)
 #define DQ_N (DQ_SPLIT_M ? HDIM : HDIM / 2)      // dQ columns per consumer
-#define DQ_LD (DQ_N + 8)                         // floats per staging row: padding spreads the stores over banks
+#define DQ_WARP_BYTES (16 * DQ_N * 4)            // a warp's 16 rows of dQ in f32: boxes of 16 rows x 32 columns
 // Issue dV += P^T dO before computing dS^T (which then runs under it): P^T, dS^T and dP^T are live at once, which
 // fits the registers with 64-query steps only (at 128 ptxas spills, and it was 10% slower).
 #define EARLY_DV (BLOCK_M == 64)
@@ -81,7 +81,7 @@ struct Smem {
         dout = q + STAGES * QT_BYTES;
         ds = dout + STAGES * QT_BYTES;
         dq = ds + 2 * DS_BYTES;
-        stats = dq + 2 * 64 * DQ_LD * 4;
+        stats = dq + 8 * DQ_WARP_BYTES;
         bars = stats + STAGES * 2 * BLOCK_M * 4;
     }
     DEVICE u32 lse(int stage) const { return stats + stage * 2 * BLOCK_M * 4; }
@@ -128,7 +128,7 @@ DEVICE void load_stats(const AttnParams &p, const Smem &sm, const KeyBlock &kb) 
 }
 
 // A consumer warpgroup: c owns keys [64c, 64c + 64) of the block; a thread holds keys r and r + 8.
-DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
+DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, const KeyBlock &kb) {
     const int c = threadIdx.x / 128 - 1, t = threadIdx.x % 128;
     const int warp = t / 32, lane = t % 32;
     // Operand descriptors: a base per tile plus a compile-time offset per k step (16-byte units).
@@ -149,13 +149,12 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
     float dv[ACC_REGS], dk[ACC_REGS];
 #pragma unroll
     for (int i = 0; i < ACC_REGS; ++i) dv[i] = dk[i] = 0.f;
-    const bool dq_lane = lane % 2 == 0;  // issues the dQ reduction of row dq_row (of the consumer's 64)
-    const int dq_row = 16 * warp + lane / 2;
-    const u32 staging = sm.dq + c * 64 * DQ_LD * 4;
+    const u32 staging = sm.dq + (4 * c + warp) * DQ_WARP_BYTES;  // this warp's dQ rows, 1024-byte aligned
 
-    // dQ = dS K of step st, through the staging tile (free once the last reductions have read it) to one bulk
-    // reduce-add per query row. A warp holds 16 rows of dQ: its even lanes issue their reductions, so the staging
-    // needs only warp-level synchronization.
+    // dQ = dS K of step st, through the staging boxes (free once the last reductions have read them; 128-byte
+    // swizzled, as the map reads them) to one TMA reduce-add per box. A warp holds 16 rows of dQ and adds them
+    // itself: the staging needs only warp-level synchronization. Rows past a sequence's end are exact zeros (their
+    // probabilities are), so adding them is harmless; past the tensor's end TMA drops them.
     auto dq_step = [&](int st) {
         const int buf = st & 1, h = kb.head(st);
         mbar_wait(sm.ds_full(buf), (st / 2) & 1);
@@ -167,19 +166,23 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
         wgmma_wait<0>();
         reg_fence(dq);
         if (lane == 0) mbar_arrive(sm.ds_empty(buf));
-        if (dq_lane) bulk_wait_read();
+        if (lane == 0) bulk_wait_read();
         __syncwarp();
 #pragma unroll
         for (int i = 0; i < DQ_N / 2; i += 2) {
-            const int row = 16 * warp + lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4);
-            st_shared_f2(staging + 4 * (row * DQ_LD + col), dq[i], dq[i + 1]);
+            const int row = lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4);
+            const int chunk = (col % 32) / 4;
+            st_shared_f2(staging + (col / 32) * 2048 + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 4) * 4, dq[i], dq[i + 1]);
         }
         fence_proxy_async();
         __syncwarp();
-        const int qrow = kb.m0(st) + (DQ_SPLIT_M ? 64 * c : 0) + dq_row;
-        if (dq_lane && qrow < kb.seq.len_q) {
-            float *dst = p.dq_accum + (q_token(p, kb.b, kb.seq, qrow) * p.heads_q + h) * HDIM + dq_col;
-            bulk_reduce_add_f32(dst, staging + 4 * dq_row * DQ_LD, DQ_N * 4);
+        if (lane == 0) {
+            const int row = kb.seq.start_q + kb.m0(st) + (DQ_SPLIT_M ? 64 * c : 0) + 16 * warp;
+#pragma unroll
+            for (int box = 0; box < DQ_N / 32; ++box) {
+                tma_reduce_add(tdq, staging + box * 2048, dq_col + 32 * box, row, h, p.cu_seqlens_q ? 0 : kb.b);
+            }
+            bulk_commit();
         }
     };
 
@@ -314,7 +317,7 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
         if (lane == 0) mbar_arrive(sm.empty(stage));  // Q, dO and the statistics of this stage are free
     }
     if (kb.steps > 0) dq_step(kb.steps - 1);
-    if (dq_lane) bulk_wait_all();
+    if (lane == 0) bulk_wait_all();
 
     // dK and dV of this warpgroup's keys.
     const long long base = kb.b * p.dk_batch + kb.hk * p.dk_head;  // batch strides are 0 when varlen
@@ -334,7 +337,7 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
     flash_bwd_sm90(const __grid_constant__ AttnParams p, const __grid_constant__ TmaMap tq,
                    const __grid_constant__ TmaMap tk, const __grid_constant__ TmaMap tv,
-                   const __grid_constant__ TmaMap tdo) {
+                   const __grid_constant__ TmaMap tdo, const __grid_constant__ TmaMap tdq) {
     extern __shared__ unsigned char smem_raw[];
     const Smem sm(smem_raw);
     const KeyBlock kb = key_block(p);
@@ -359,6 +362,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
         if (threadIdx.x / 32 == 1) load_stats(p, sm, kb);
     } else {
         setmaxnreg_inc<CONSUMER_REGS>();
-        consume(p, sm, kb);
+        consume(p, tdq, sm, kb);
     }
 }

@@ -33,6 +33,13 @@ DEVICE void tma_tile(u32 dst, int rows, const TmaMap &map, int row, int head, in
     for (int s = 0; s < HDIM / 64; ++s) tma_load(dst + s * rows * 128, map, 64 * s, row, head, batch, bar);
 }
 
+// Adds a box of f32 (32 columns, rows) from shared memory at (col, row, head, batch) of a 4-D map, in the bulk
+// group of the issuing thread (commit and wait with the bulk helpers of common.cuh).
+DEVICE void tma_reduce_add(const TmaMap &map, u32 src, int col, int row, int head, int batch) {
+    asm volatile("cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n"
+                 ::"l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(src) : "memory");
+}
+
 DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
