@@ -205,12 +205,17 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
         }
         wgmma_commit();
 
+        // The lse and D of the two query columns this thread holds in 8-query tile q8. The first tiles' lse
+        // load under the products (all of them would not fit the registers).
+        auto lse = [&](int q8) { return ld_shared_f2(sm.lse(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
+        auto delta = [&](int q8) { return ld_shared_f2(sm.delta(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
+        const float2 lse_first[2] = {lse(0), lse(1)};
+
         // P^T and d score / d (q.k) of the thread's four elements of 8-query tile q8.
         const bool need_mask = !kb.mask.full(m0, m0 + BLOCK_M, key_lo, key_lo + 64);
         auto probabilities = [&](int q8, float(&pr)[4], float(&dscore)[4]) {
-            // The two query columns this thread holds in the tile: their lse in one load.
             const int col = 8 * q8 + 2 * (lane % 4);
-            const float2 lse2 = ld_shared_f2(sm.lse(stage) + 4 * col);
+            const float2 lse2 = q8 < 2 ? lse_first[q8] : lse(q8);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = m0 + col + e % 2, j = kb.n0 + r0 + 8 * (e / 2);
@@ -226,7 +231,6 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
                 if (need_mask && !kb.mask.visible(i, j)) pr[e] = 0.f;
             }
         };
-        auto delta = [&](int q8) { return ld_shared_f2(sm.delta(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
         // P^T and dS^T = P^T (dP^T - D) dscore as 16-bit pairs: the A operand layout of wgmma is the
         // accumulator's.
         u32 pk[S_REGS / 2], dsk[S_REGS / 2];
