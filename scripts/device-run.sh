@@ -48,7 +48,7 @@ if step tests; then
     echo "== GPU tests"
     {
         FLASHATTN_TEST_CASES=$CASES ./stage/tests/cuda_flash 2>&1
-        echo "== GPU tests with the portable forward (the Hopper family is the default on sm_90)"
+        echo "== GPU tests with the portable family (the Hopper family is the default on sm_90)"
         FLASHATTN_GPU_KERNELS=portable FLASHATTN_TEST_CASES=$CASES ./stage/tests/cuda_flash 2>&1
         echo "== CPU tests on this machine's CPU"
         FLASHATTN_TEST_CASES=32 ./stage/tests/cpu_flash 2>&1

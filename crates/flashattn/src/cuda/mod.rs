@@ -634,7 +634,7 @@ impl Extras {
     }
 }
 
-/// Whether `FLASHATTN_GPU_KERNELS=portable` keeps the forward on the portable family (read once per process).
+/// Whether `FLASHATTN_GPU_KERNELS=portable` keeps both passes on the portable family (read once per process).
 fn portable_forced() -> bool {
     static FORCED: OnceLock<bool> = OnceLock::new();
     *FORCED.get_or_init(|| std::env::var("FLASHATTN_GPU_KERNELS").is_ok_and(|v| v == "portable"))
