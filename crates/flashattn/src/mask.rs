@@ -30,12 +30,14 @@ impl SeqMask {
     #[inline]
     pub fn keys(&self, i: usize) -> Range<usize> {
         let diag = self.diagonal(i);
+        // Windows may be as wide as usize::MAX: saturate rather than wrap.
+        let wide = |w: usize| i64::try_from(w).unwrap_or(i64::MAX);
         let lo = match self.left {
-            Some(l) => (diag - l as i64).max(0),
+            Some(l) => diag.saturating_sub(wide(l)).max(0),
             None => 0,
         };
         let hi = match self.right {
-            Some(r) => (diag + r as i64 + 1).clamp(0, self.len_k as i64),
+            Some(r) => diag.saturating_add(wide(r)).saturating_add(1).clamp(0, self.len_k as i64),
             None => self.len_k as i64,
         };
         let lo = lo.min(hi);

@@ -73,6 +73,13 @@ fn gpu_larger_shapes() {
     modded.alibi = true;
     modded.dtype = DType::BF16;
     check_case(&modded, backend, true).unwrap();
+    // Windows wider than any sequence (up to usize::MAX) behave as unbounded ones on each side.
+    for (d, window) in [(64, (Some(usize::MAX), Some(0))), (128, (Some(1 << 40), Some(usize::MAX)))] {
+        let mut wide = Case::dense(2, 300, 500, 4, 2, d);
+        wide.window = window;
+        wide.dtype = DType::BF16;
+        check_case(&wide, backend, true).unwrap();
+    }
 }
 
 #[test]

@@ -79,3 +79,23 @@ fn windows_that_see_nothing_and_empty_sequences() {
         check_case(&varlen, backend, true).unwrap();
     }
 }
+
+#[test]
+fn windows_wider_than_any_sequence_are_unbounded() {
+    // Compared with the unbounded mask directly: the oracle shares the mask code, so it cannot catch this alone.
+    let base = Case::dense(2, 33, 50, 2, 1, 16);
+    let with = |window, causal| Case { window, causal, ..base.clone() };
+    let pairs = [
+        (with((Some(usize::MAX), Some(usize::MAX)), false), with((None, None), false)),
+        (with((Some(1 << 40), Some(0)), false), with((None, None), true)),
+    ];
+    for backend in backends() {
+        for (wide, unbounded) in &pairs {
+            let (o, lse, dq) = run(wide, backend);
+            let (o2, lse2, dq2) = run(unbounded, backend);
+            for (a, b) in o.iter().chain(&lse).chain(&dq).zip(o2.iter().chain(&lse2).chain(&dq2)) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{backend}: {a} vs {b}");
+            }
+        }
+    }
+}

@@ -404,8 +404,7 @@ impl Gpu {
     }
 
     /// The TMA map of the backward's f32 dQ accumulator, (token, head_q, hdim), for reductions of 16-row boxes.
-    fn dq_accum_map(&self, plan: &Plan, acc: &CudaSlice<f32>, hdim: usize) -> Result<tma::TmaMap> {
-        let tokens = acc.len() / (plan.heads_q * hdim);
+    fn dq_accum_map(&self, plan: &Plan, acc: &CudaSlice<f32>, tokens: usize, hdim: usize) -> Result<tma::TmaMap> {
         let (rows, batch) = if plan.varlen { (tokens, 1) } else { (plan_max(&plan.len_q), plan.batch) };
         let row = (plan.heads_q * hdim) as i64;
         let layout = tma::Layout {
@@ -450,10 +449,10 @@ impl Gpu {
         let num_m = plan_max(&plan.len_q).div_ceil(variant.block_m());
         let mut delta = self.zeros_f32(plan.lse_len())?;
         let mut dq_accum = self.zeros_f32(rows * variant.hdim)?;
-        let mut semaphore = self
-            .stream
-            .alloc_zeros::<i32>((plan.batch * plan.heads_q * num_m).max(1))
-            .map_err(driver_err("allocating GPU memory"))?;
+        // One counter per (batch, head, query block) orders the deterministic mode's dQ additions; unused otherwise.
+        let counters = if plan.deterministic { plan.batch * plan.heads_q * num_m } else { 0 };
+        let mut semaphore =
+            self.stream.alloc_zeros::<i32>(counters.max(1)).map_err(driver_err("allocating GPU memory"))?;
         let bytes = extras.bytes() + 4 * (delta.len() + dq_accum.len() + semaphore.len());
         self.workspace.store(bytes, std::sync::atomic::Ordering::Relaxed);
 
@@ -499,7 +498,7 @@ impl Gpu {
                 self.tensor_map(&plan, k, Side::Key, n)?,
                 self.tensor_map(&plan, v, Side::Key, n)?,
                 self.tensor_map(&plan, dout, Side::Query, m)?,
-                self.dq_accum_map(&plan, &dq_accum, variant.hdim)?,
+                self.dq_accum_map(&plan, &dq_accum, tokens_q, variant.hdim)?,
             ];
             launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]).arg(&maps[4]);
         }
@@ -578,6 +577,7 @@ impl Gpu {
         let s = &self.stream;
         let m = &plan.mask;
         let lse_shape = plan.lse_shape();
+        let widest = (plan_max(&plan.len_q) + plan_max(&plan.len_k)).min(i32::MAX as usize);
         let (lse_batch, lse_head) = if plan.varlen {
             (0, lse_shape[1] as i64)
         } else {
@@ -598,8 +598,10 @@ impl Gpu {
             head_dim: plan.head_dim as i32,
             seqlen_q: plan_max(&plan.len_q) as i32,
             seqlen_k: plan_max(&plan.len_k) as i32,
-            window_left: m.left.map_or(-1, |l| l.min(i32::MAX as usize) as i32),
-            window_right: m.right.map_or(-1, |r| r.min(i32::MAX as usize) as i32),
+            // A window wider than both sequences sees what an unbounded one sees; clamped there, the kernels'
+            // 32-bit mask arithmetic (query + shift + window) cannot overflow.
+            window_left: m.left.map_or(-1, |l| l.min(widest) as i32),
+            window_right: m.right.map_or(-1, |r| r.min(widest) as i32),
             alibi_batch_stride: plan.heads_q as i32,
             scale: m.scale,
             scale_log2: m.scale * std::f32::consts::LOG2_E,

@@ -36,7 +36,7 @@ pub(crate) struct Layout {
 pub(crate) fn tile_map(t: &Layout, elem: Elem, box_rows: usize) -> Result<TmaMap> {
     let (batch_stride, row_stride, head_stride) = t.strides;
     // A batch of one (variable-length batches) has no batch stride, and a contiguous tensor with no rows has a
-    // zero one: TMA wants a positive multiple of 16 bytes, and any will do since no box reads there.
+    // zero one: TMA wants a positive multiple of 16 bytes, and any will do since no box reads or reduces there.
     let batch_stride = if t.batch == 1 || batch_stride == 0 { row_stride * t.rows.max(1) as i64 } else { batch_stride };
     let dims = [t.head_dim, t.rows, t.heads, t.batch].map(|d| d as u64);
     use sys::CUtensorMapDataType as T;
