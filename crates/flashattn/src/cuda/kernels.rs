@@ -107,7 +107,8 @@ pub fn hopper_head_dim(d: usize, pass: Pass) -> Option<usize> {
 /// Queries per step of the Hopper backward: 128 where the registers allow (S^T and dP^T are 64 x BLOCK_M per
 /// consumer beside dK and dV), else 64. Its key blocks are 128 rows, its Q / dO ring 2 deep.
 fn hopper_bwd_block_m(hdim: usize) -> usize {
-    if let Some(&[block_m]) = tile_override(3) {
+    // The kernel takes 64 or 128 (other overrides are ignored).
+    if let Some(&[block_m @ (64 | 128)]) = tile_override(3) {
         return block_m;
     }
     if hdim <= 64 {
@@ -200,8 +201,8 @@ impl Variant {
         }
     }
 
-    /// Key rows per CTA of a backward.
-    pub fn block_n(&self) -> usize {
+    /// Key rows per CTA of a backward variant.
+    pub fn bwd_block_n(&self) -> usize {
         match self.family {
             Family::Hopper => HOPPER_BWD_BLOCK_N,
             Family::Portable => self.bwd_tiles().block_n(),
@@ -210,7 +211,7 @@ impl Variant {
 
     pub fn threads(&self) -> u32 {
         match (self.family, self.pass) {
-            // A producer warpgroup and the consumers (two in the backward).
+            // A producer warpgroup and the consumers (two in the backward: its NTHREADS).
             (Family::Hopper, Pass::Forward) => 128 * (self.hopper_tiles().consumers as u32 + 1),
             (Family::Hopper, Pass::Backward) => 384,
             (_, Pass::Forward) => 32 * self.fwd_tiles().warps as u32,
@@ -234,36 +235,31 @@ impl Variant {
         }
     }
 
-    /// Dynamic shared memory of the main kernel, in bytes (tiles' rows are padded by 8 elements).
+    /// Dynamic shared memory of the main kernel, in bytes (the layouts of the kernels' shared memory).
     pub fn smem_bytes(&self) -> usize {
+        let row = (self.hdim + 8) * 2; // a portable tile's row, padded by 8 elements
         match (self.family, self.pass) {
             (Family::Hopper, Pass::Forward) => {
                 let t = self.hopper_tiles();
                 // 1024 bytes of alignment slack, Q, the K and V ring, the mbarriers (2 for Q, 4 per stage), the
                 // tile.
-                return 1024 + 2 * self.hdim * (self.block_m() + 2 * t.stages * t.block_n) + 8 * (2 + 4 * t.stages) + 4;
+                1024 + 2 * self.hdim * (self.block_m() + 2 * t.stages * t.block_n) + 8 * (2 + 4 * t.stages) + 4
             }
             (Family::Hopper, Pass::Backward) => {
                 let (m, n, stages) = (self.block_m(), HOPPER_BWD_BLOCK_N, HOPPER_BWD_STAGES);
                 // Alignment slack, K and V, the Q and dO ring, two dS^T buffers, the consumers' f32 dQ staging
                 // (64 rows each), lse and D per stage, the mbarriers (1, 2 per stage, 2 per dS^T buffer).
-                let staging = 2 * 64 * self.hopper_dq_cols() * 4;
-                return 1024
-                    + 2 * (2 * n * self.hdim + 2 * stages * m * self.hdim + 2 * n * m)
-                    + staging
+                1024 + 2 * (2 * n * self.hdim + 2 * stages * m * self.hdim + 2 * n * m)
+                    + 2 * 64 * self.hopper_dq_cols() * 4
                     + stages * 2 * m * 4
-                    + 8 * (1 + 2 * stages + 4);
+                    + 8 * (1 + 2 * stages + 4)
             }
-            _ => {}
-        }
-        let row = (self.hdim + 8) * 2;
-        match self.pass {
-            Pass::Forward => {
+            (_, Pass::Forward) => {
                 let t = self.fwd_tiles();
                 // Q, two K buffers, V.
                 (t.block_m + 3 * t.block_n) * row
             }
-            Pass::Backward => {
+            (_, Pass::Backward) => {
                 let t = self.bwd_tiles();
                 let n = t.block_n();
                 // K, V; Q and dO twice; dS; lse and D twice; on sm_90 the dQ staging tile (f32, rows padded by 8).
@@ -291,8 +287,8 @@ impl Variant {
         name
     }
 
-    /// dQ columns per consumer of the Hopper backward: the consumers split dQ by rows with 128-query steps, else by
-    /// columns.
+    /// dQ columns per consumer of the Hopper backward (its DQ_N): the consumers split dQ by rows with 128-query
+    /// steps, else by columns.
     fn hopper_dq_cols(&self) -> usize {
         if self.block_m() == 128 {
             self.hdim
@@ -343,7 +339,11 @@ impl Variant {
                 ]);
             }
             (Family::Hopper, Pass::Backward) => {
-                d.extend([format!("-DBLOCK_M={}", self.block_m()), format!("-DSTAGES={HOPPER_BWD_STAGES}")]);
+                d.extend([
+                    format!("-DBLOCK_M={}", self.block_m()),
+                    format!("-DDQ_N={}", self.hopper_dq_cols()),
+                    format!("-DSTAGES={HOPPER_BWD_STAGES}"),
+                ]);
             }
             (_, Pass::Forward) => {
                 let t = self.fwd_tiles();

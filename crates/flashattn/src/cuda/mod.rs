@@ -481,7 +481,7 @@ impl Gpu {
             .map_err(driver_err("launching the backward preprocess"))?;
         let main = LaunchConfig {
             grid_dim: (
-                plan_max(&plan.len_k).div_ceil(variant.block_n()).max(1) as u32,
+                plan_max(&plan.len_k).div_ceil(variant.bwd_block_n()).max(1) as u32,
                 plan.heads_kv as u32,
                 plan.batch as u32,
             ),
@@ -492,7 +492,7 @@ impl Gpu {
         launch.arg(&p);
         let maps;
         if variant.family == Family::Hopper {
-            let (m, n) = (variant.block_m(), variant.block_n());
+            let (m, n) = (variant.block_m(), variant.bwd_block_n());
             maps = [
                 self.tensor_map(&plan, q, Side::Query, m)?,
                 self.tensor_map(&plan, k, Side::Key, n)?,

@@ -2,9 +2,14 @@
 // flash_bwd_preprocess: D = rowsum(dO * O) per (batch, head, query).
 // flash_bwd_dq_convert: the f32 dQ accumulator, (token, head_q, HDIM), to the output dtype.
 
-// Token index of (sequence start, row) in dense or variable-length layout.
-DEVICE long long q_token(const AttnParams &p, int b, const Seq &s, int i) {
-    return p.cu_seqlens_q ? (long long)s.start_q + i : (long long)b * p.seqlen_q + i;
+// The query blocks (of block_m rows) that see some key of [n0, n0 + block_n): [lo, hi).
+DEVICE int2 query_blocks(const Mask &mask, const Seq &seq, int n0, int block_n, int block_m) {
+    int lo = 0, hi = (seq.len_q + block_m - 1) / block_m;
+#if IS_MASKED
+    lo = mask.rows_lo(n0) / block_m;
+    hi = min(hi, (mask.rows_hi(n0 + block_n, seq.len_q) + block_m - 1) / block_m);
+#endif
+    return make_int2(lo, hi);
 }
 
 extern "C" __global__ void flash_bwd_preprocess(const AttnParams p) {

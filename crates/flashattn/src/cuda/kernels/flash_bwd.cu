@@ -35,6 +35,11 @@
 static_assert(QT % 2 == 0 && DTW % 2 == 0 && DQT % 2 == 0 && DQW * DQ_PARTS == HDIM, "tiles must split into 16-column pairs");
 static_assert(QGROUPS * DQ_PARTS <= NWARPS, "not enough warps for the dQ split");
 
+// Token index of (sequence start, row) in dense or variable-length layout.
+DEVICE long long q_token(const AttnParams &p, int b, const Seq &s, int i) {
+    return p.cu_seqlens_q ? (long long)s.start_q + i : (long long)b * p.seqlen_q + i;
+}
+
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnParams p) {
     extern __shared__ __align__(128) u16 smem[];
     u16 *sK = smem;
@@ -64,11 +69,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
     load_tile<BLOCK_N, NTHREADS>(sV, v, p.v_row, seq.len_k - n0, p.head_dim);
 
     // Query blocks that see these keys.
-    int m_lo = 0, m_hi = (seq.len_q + BLOCK_M - 1) / BLOCK_M;
-#if IS_MASKED
-    m_lo = mask.rows_lo(n0) / BLOCK_M;
-    m_hi = min(m_hi, (mask.rows_hi(n0 + BLOCK_N, seq.len_q) + BLOCK_M - 1) / BLOCK_M);
-#endif
+    const int2 blocks = query_blocks(mask, seq, n0, BLOCK_N, BLOCK_M);
+    const int m_lo = blocks.x, m_hi = blocks.y;
     const int steps = m_hi > m_lo ? (m_hi - m_lo) * group : 0;
 
     float acc_dk[DTW][4], acc_dv[DTW][4];

@@ -7,38 +7,40 @@
 //   arrivals) and an "empty" one (one arrival per consumer warp);
 // - two consumer warpgroups compute, each owning 64 of the keys and holding their dK and dV in registers:
 //   S^T = K Q^T and dP^T = V dO^T (wgmma, both operands in shared memory), P^T = exp2(S^T - lse),
-//   dS^T = P^T (dP^T - D) * dscore, dV += P^T dO and dK += dS^T Q (wgmma with P^T, dS^T from registers; P^T is
-//   computed under dP^T and, with 64-query steps, dS^T under dV), then
+//   dS^T = P^T (dP^T - D) * dscore, dV += P^T dO and dK += dS^T Q (wgmma with P^T, dS^T from registers; with
+//   64-query steps P^T is computed under dP^T and dS^T under dV), then
 //   dS^T through shared memory (double-buffered, both warpgroups' halves, handed over by mbarriers) for
 //   dQ = dS K, computed one step later, which each warp adds to the f32 dQ accumulator by TMA (reduce-add of
 //   its 16 rows, staged in shared memory).
-// dQ = dS K is split between the consumers by query rows when a step has 128 of them, else by 64-column slabs.
+// dQ = dS K is split between the consumers by query rows when a step has 128 of them, else by halves of the
+// columns (DQ_N of them each).
 //
-// Shared tiles use the 128-byte swizzle of TMA and wgmma: HDIM / 64 slabs of R rows x 64 columns (128 bytes per
-// row), each 1024-byte aligned. dS^T is stored as keys x queries, queries contiguous: the transposed (MN-major)
-// A operand of dQ = dS K, whose B operand, K, is read transposed too.
+// Shared tiles of 16-bit elements are slabs in the 128-byte swizzle of TMA and wgmma (hopper.cuh). dS^T is stored
+// as keys x queries, queries contiguous: the transposed (MN-major) A operand of dQ = dS K, whose B operand, K, is
+// read transposed too. The dQ staging is, per warp, DQ_N / 32 boxes of 16 rows x 32 f32 columns (2048 bytes, the
+// same swizzle), as the f32 map of the accumulator reads them.
 //
-// Defines: HDIM (64 or 128: the head dim rounded up), BLOCK_M (queries per step: 64 or 128), STAGES, IS_MASKED,
-// HAS_MOD; WGMMA_SS (N = BLOCK_M), WGMMA_RS (N = HDIM) and WGMMA_TT (N = DQ_N, both operands transposed).
+// Defines: HDIM (64 or 128: the head dim rounded up), BLOCK_M (queries per step: 64 or 128), DQ_N, STAGES,
+// IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_M), WGMMA_RS (N = HDIM) and WGMMA_TT (N = DQ_N, both operands
+// transposed).
 
 #define BLOCK_N 128
 #define NTHREADS 384
-#define SLAB(rows) ((rows) * 128)                // bytes of one 64-column slab
 #define KV_BYTES (BLOCK_N * HDIM * 2)
 #define QT_BYTES (BLOCK_M * HDIM * 2)            // a Q or dO tile
 #define DS_BYTES (BLOCK_N * BLOCK_M * 2)
 #define S_REGS (BLOCK_M / 2)                     // f32 accumulators of S^T (and dP^T) per thread
 #define ACC_REGS (HDIM / 2)                      // ... of dK (and dV)
-#define DQ_SPLIT_M (BLOCK_M == 128)              // consumers split dQ by rows (else by columns)
-#define DQ_N (DQ_SPLIT_M ? HDIM : HDIM / 2)      // dQ columns per consumer
+#define DQ_SPLIT_M (DQ_N == HDIM)                // consumers split dQ by rows (else by columns)
 #define DQ_WARP_BYTES (16 * DQ_N * 4)            // a warp's 16 rows of dQ in f32: boxes of 16 rows x 32 columns
 // Issue dV += P^T dO before computing dS^T (which then runs under it): P^T, dS^T and dP^T are live at once, which
 // fits the registers with 64-query steps only (at 128 ptxas spills, and it was 10% slower).
 #define EARLY_DV (BLOCK_M == 64)
-#define RELEASES 8                               // one arrival per consumer warp frees a stage
+#define RELEASES 8                               // one arrival per consumer warp frees a stage or dS^T buffer
 #define STATS_ARRIVALS 33                        // the TMA thread's and the statistics warp's
 #define PRODUCER_REGS 24
 #define CONSUMER_REGS 240
+static_assert((BLOCK_M == 64 || BLOCK_M == 128) && DQ_SPLIT_M == (BLOCK_M == 128), "unsupported step size");
 
 // ---------------------------------------------------------------------------------------------------------------
 // The CTA's keys and the steps that see them: query blocks [m_lo, m_lo + num_m) of each query head of the group.
@@ -58,13 +60,9 @@ DEVICE KeyBlock key_block(const AttnParams &p) {
     kb.group = p.heads_q / p.heads_kv;
     kb.seq = sequence(p, kb.b);
     kb.mask = make_mask(p, kb.seq);
-    kb.m_lo = 0;
-    int m_hi = (kb.seq.len_q + BLOCK_M - 1) / BLOCK_M;
-#if IS_MASKED
-    kb.m_lo = kb.mask.rows_lo(kb.n0) / BLOCK_M;
-    m_hi = min(m_hi, (kb.mask.rows_hi(kb.n0 + BLOCK_N, kb.seq.len_q) + BLOCK_M - 1) / BLOCK_M);
-#endif
-    kb.num_m = max(0, m_hi - kb.m_lo);
+    const int2 blocks = query_blocks(kb.mask, kb.seq, kb.n0, BLOCK_N, BLOCK_M);
+    kb.m_lo = blocks.x;
+    kb.num_m = max(0, blocks.y - blocks.x);
     kb.steps = kb.num_m * kb.group;
     return kb;
 }
@@ -207,15 +205,15 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
 
         // The lse and D of the two query columns this thread holds in 8-query tile q8. The first tiles' lse
         // load under the products (all of them would not fit the registers).
-        auto lse = [&](int q8) { return ld_shared_f2(sm.lse(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
-        auto delta = [&](int q8) { return ld_shared_f2(sm.delta(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
-        const float2 lse_first[2] = {lse(0), lse(1)};
+        auto lse_pair = [&](int q8) { return ld_shared_f2(sm.lse(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
+        auto delta_pair = [&](int q8) { return ld_shared_f2(sm.delta(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
+        const float2 lse_first[2] = {lse_pair(0), lse_pair(1)};
 
         // P^T and d score / d (q.k) of the thread's four elements of 8-query tile q8.
         const bool need_mask = !kb.mask.full(m0, m0 + BLOCK_M, key_lo, key_lo + 64);
         auto probabilities = [&](int q8, float(&pr)[4], float(&dscore)[4]) {
             const int col = 8 * q8 + 2 * (lane % 4);
-            const float2 lse2 = q8 < 2 ? lse_first[q8] : lse(q8);
+            const float2 lse2 = q8 < 2 ? lse_first[q8] : lse_pair(q8);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = m0 + col + e % 2, j = kb.n0 + r0 + 8 * (e / 2);
@@ -261,7 +259,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
             reg_fence(dp);
 #pragma unroll
             for (int q8 = 0; q8 < BLOCK_M / 8; ++q8) {
-                const float2 d2 = delta(q8);
+                const float2 d2 = delta_pair(q8);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) dp[4 * q8 + e] = s[4 * q8 + e] * (dp[4 * q8 + e] - (e % 2 ? d2.y : d2.x));
             }
@@ -274,7 +272,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
             for (int q8 = 0; q8 < BLOCK_M / 8; ++q8) {
                 float pr[4], dscore[4];
                 probabilities(q8, pr, dscore);
-                const float2 d2 = delta(q8);
+                const float2 d2 = delta_pair(q8);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     s[4 * q8 + e] = pr[e];

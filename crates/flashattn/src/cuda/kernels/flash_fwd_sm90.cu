@@ -15,12 +15,10 @@
 // columns (128 bytes per row), each slab 1024-byte aligned.
 //
 // Defines: HDIM (64, 128, 192 or 256: the head dim rounded up; TMA zero-fills the columns past it), CONSUMERS,
-// BLOCK_N, STAGES, IS_MASKED, HAS_MOD; wgmma_ss_nN / wgmma_rs_nN for N = BLOCK_N and N = HDIM
-// (generated).
+// BLOCK_N, STAGES, IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_N) and WGMMA_RS (N = HDIM), generated.
 
 #define BLOCK_M (64 * CONSUMERS)
 #define NTHREADS (128 * (CONSUMERS + 1))
-#define SLAB(rows) ((rows) * 128)                // bytes of one 64-column slab
 #define Q_BYTES (BLOCK_M * HDIM * 2)
 #define KV_BYTES (BLOCK_N * HDIM * 2)
 #define S_REGS (BLOCK_N / 2)                     // f32 accumulators of S per thread

@@ -27,10 +27,14 @@ DEVICE void tma_load(u32 dst, const TmaMap &map, int col, int row, int head, int
                  ::"r"(dst), "l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar) : "memory");
 }
 
-// A tile of `rows` rows from `row` on: one box per 64-column slab, each SLAB(rows) bytes.
+// Tiles of 16-bit elements in shared memory are HDIM / 64 slabs of `rows` rows x 64 columns (128 bytes per row,
+// 128-byte swizzle), each 1024-byte aligned.
+#define SLAB(rows) ((rows) * 128)  // bytes of one slab
+
+// A tile of `rows` rows from `row` on: one box per slab.
 DEVICE void tma_tile(u32 dst, int rows, const TmaMap &map, int row, int head, int batch, u32 bar) {
 #pragma unroll
-    for (int s = 0; s < HDIM / 64; ++s) tma_load(dst + s * rows * 128, map, 64 * s, row, head, batch, bar);
+    for (int s = 0; s < HDIM / 64; ++s) tma_load(dst + s * SLAB(rows), map, 64 * s, row, head, batch, bar);
 }
 
 // Adds a box of f32 (32 columns, rows) from shared memory at (col, row, head, batch) of a 4-D map, in the bulk
