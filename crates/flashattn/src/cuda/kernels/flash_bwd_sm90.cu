@@ -133,14 +133,12 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
     // S^T, dP^T: A = this consumer's K or V rows, B = Q or dO, both K-major (k steps along the head dim).
     const u64 k_a = smem_desc(sm.k + c * SLAB(64), 16, 1024), v_a = smem_desc(sm.v + c * SLAB(64), 16, 1024);
     const u64 q_b = smem_desc(sm.q, 16, 1024), do_b = smem_desc(sm.dout, 16, 1024);
-    auto kmajor = [](u64 base, int rows, int kk) { return base + (((kk / 4) * SLAB(rows) + (kk % 4) * 32) >> 4); };
     // dV, dK: B = dO or Q transposed (k steps along the queries).
     const u64 do_t = smem_desc(sm.dout, SLAB(BLOCK_M), 1024), q_t = smem_desc(sm.q, SLAB(BLOCK_M), 1024);
     // dQ: A = dS transposed (this consumer's 64 queries, or all), B = K transposed (all its columns, or a half).
     const u64 ds_t = smem_desc(sm.ds + (DQ_SPLIT_M ? c * SLAB(BLOCK_N) : 0), SLAB(BLOCK_N), 1024);
     const int dq_col = DQ_SPLIT_M ? 0 : c * DQ_N;
     const u64 k_t = smem_desc(sm.k + (dq_col / 64) * SLAB(BLOCK_N) + (dq_col % 64) * 2, SLAB(BLOCK_N), 1024);
-    auto mnmajor = [](u64 base, int kk) { return base + ((kk * 16 * 128) >> 4); };
 
     const int key_lo = kb.n0 + 64 * c;  // first key of this warpgroup
     const int r0 = 64 * c + 16 * warp + lane / 4;  // this thread's first key row in the block
@@ -155,11 +153,12 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
     // probabilities are), so adding them is harmless; past the tensor's end TMA drops them.
     auto dq_step = [&](int st) {
         const int buf = st & 1, h = kb.head(st);
+        const u64 ds = desc_plus(ds_t, buf * DS_BYTES);
         mbar_wait(sm.ds_full(buf), (st / 2) & 1);
         float dq[DQ_N / 2];
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) WGMMA_TT(dq, mnmajor(ds_t, kk) + ((buf * DS_BYTES) >> 4), mnmajor(k_t, kk), kk > 0);
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) WGMMA_TT(dq, mnmajor(ds, kk), mnmajor(k_t, kk), kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
         reg_fence(dq);
@@ -190,17 +189,16 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
         const float slope = (HAS_MOD && p.alibi) ? p.alibi[kb.b * p.alibi_batch_stride + h] : 0.f;
         mbar_wait(sm.full(stage), (st / STAGES) & 1);
 
+        // This stage's Q and dO, read K-major (S^T, dP^T) and transposed (dK, dV).
+        const u64 q = desc_plus(q_b, stage * QT_BYTES), dout = desc_plus(do_b, stage * QT_BYTES);
+        const u64 qt = desc_plus(q_t, stage * QT_BYTES), dout_t = desc_plus(do_t, stage * QT_BYTES);
         float s[S_REGS], dp[S_REGS];
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < HDIM / 16; ++kk) {
-            WGMMA_SS(s, kmajor(k_a, BLOCK_N, kk), kmajor(q_b, BLOCK_M, kk) + ((stage * QT_BYTES) >> 4), kk > 0);
-        }
+        for (int kk = 0; kk < HDIM / 16; ++kk) WGMMA_SS(s, kmajor(k_a, BLOCK_N, kk), kmajor(q, BLOCK_M, kk), kk > 0);
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < HDIM / 16; ++kk) {
-            WGMMA_SS(dp, kmajor(v_a, BLOCK_N, kk), kmajor(do_b, BLOCK_M, kk) + ((stage * QT_BYTES) >> 4), kk > 0);
-        }
+        for (int kk = 0; kk < HDIM / 16; ++kk) WGMMA_SS(dp, kmajor(v_a, BLOCK_N, kk), kmajor(dout, BLOCK_M, kk), kk > 0);
         wgmma_commit();
 
         // The lse and D of the two query columns this thread holds in 8-query tile q8. The first tiles' lse
@@ -236,8 +234,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
-                WGMMA_RS(dv, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
-                         mnmajor(do_t, kk) + ((stage * QT_BYTES) >> 4), 1);
+                WGMMA_RS(dv, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3], mnmajor(dout_t, kk), 1);
             }
             wgmma_commit();
         };
@@ -288,8 +285,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
-            WGMMA_RS(dk, dsk[4 * kk], dsk[4 * kk + 1], dsk[4 * kk + 2], dsk[4 * kk + 3],
-                     mnmajor(q_t, kk) + ((stage * QT_BYTES) >> 4), 1);
+            WGMMA_RS(dk, dsk[4 * kk], dsk[4 * kk + 1], dsk[4 * kk + 2], dsk[4 * kk + 3], mnmajor(qt, kk), 1);
         }
         wgmma_commit();
 

@@ -116,15 +116,10 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     // Without a score transform, scores stay raw products and the exponential applies the scale.
     const float exp_scale = HAS_MOD ? LOG2E : p.scale_log2;
-    // Operand descriptors: a base per tile plus a compile-time offset per k step (in the address field, 16-byte
-    // units), so that no per-step descriptor is held in registers across the loop.
+    // Operand descriptors: a base per tile plus a compile-time offset per k step, so that no per-step descriptor
+    // is held in registers across the loop.
     const u64 q_base = smem_desc(sm.q + c * SLAB(64), 16, 1024);
     const u64 k_base = smem_desc(sm.k, 16, 1024), v_base = smem_desc(sm.v, SLAB(BLOCK_N), 1024);
-    auto q_desc = [&](int kk) { return q_base + (((kk / 4) * SLAB(BLOCK_M) + (kk % 4) * 32) >> 4); };
-    auto k_desc = [&](int stage, int kk) {
-        return k_base + ((stage * KV_BYTES + (kk / 4) * SLAB(BLOCK_N) + (kk % 4) * 32) >> 4);
-    };
-    auto v_desc = [&](int stage, int kk) { return v_base + ((stage * KV_BYTES + kk * 16 * 128) >> 4); };
 
     int kv = 0;
     for (int round = 0;; ++round) {
@@ -145,17 +140,19 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
 
         // S = Q K(stage)^T, issued and committed, not waited for.
         auto issue_qk = [&](int stage) {
+            const u64 k = desc_plus(k_base, stage * KV_BYTES);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < HDIM / 16; ++kk) WGMMA_SS(s, q_desc(kk), k_desc(stage, kk), kk > 0);
+            for (int kk = 0; kk < HDIM / 16; ++kk) WGMMA_SS(s, kmajor(q_base, BLOCK_M, kk), kmajor(k, BLOCK_N, kk), kk > 0);
             wgmma_commit();
         };
         // O += P V(stage), issued and committed.
         auto issue_pv = [&](int stage) {
+            const u64 v = desc_plus(v_base, stage * KV_BYTES);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-                WGMMA_RS(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3], v_desc(stage, kk), 1);
+                WGMMA_RS(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3], mnmajor(v, kk), 1);
             }
             wgmma_commit();
         };

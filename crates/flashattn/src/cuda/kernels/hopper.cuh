@@ -67,6 +67,13 @@ DEVICE void reg_fence(u32 (&d)[N]) {
 DEVICE u64 smem_desc(u32 addr, u32 leading, u32 stride) {
     return (u64)((addr & 0x3ffff) >> 4) | ((u64)(leading >> 4) << 16) | ((u64)(stride >> 4) << 32) | (1ull << 62);
 }
+// A descriptor moved by `bytes` (a multiple of 16; the address field counts 16-byte units). Unsigned: a tile's
+// offset is added once, then each k step's compile-time one, with no sign extension in between.
+DEVICE u64 desc_plus(u64 desc, u32 bytes) { return desc + (bytes >> 4); }
+// The k16 step kk of a K-major operand of `rows` rows (k steps along its 64-column slabs), and of an MN-major one
+// (k steps along its rows).
+DEVICE u64 kmajor(u64 desc, int rows, int kk) { return desc_plus(desc, (kk / 4) * SLAB(rows) + (kk % 4) * 32); }
+DEVICE u64 mnmajor(u64 desc, int kk) { return desc_plus(desc, kk * 16 * 128); }
 
 DEVICE void st_shared(u32 addr, int v) { asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory"); }
 DEVICE int ld_shared(u32 addr) {
