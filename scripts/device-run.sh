@@ -58,14 +58,17 @@ fi
 
 if step sanitize; then
     echo "== compute-sanitizer"
-    python3 scripts/make_inputs.py /tmp/san 2 300 4 2 128 > /dev/null
+    # Head dims 64 and 128: the Hopper backward's two step sizes (128 and 64 queries).
     {
-        for tool in memcheck racecheck; do
-            for flags in "" "--causal" "--window 64,16 --softcap 10"; do
-                echo "-- $tool $flags"
-                compute-sanitizer --tool $tool --error-exitcode 9 $FA run --device cuda --q /tmp/san/q.npy --k /tmp/san/k.npy --v /tmp/san/v.npy \
-                    --out /tmp/san/o.npy --lse /tmp/san/lse.npy --dout /tmp/san/do.npy --dq /tmp/san/dq.npy --dk /tmp/san/dk.npy --dv /tmp/san/dv.npy $flags 2>&1 | tail -4
-                echo "exit ${PIPESTATUS[0]}"
+        for d in 64 128; do
+            python3 scripts/make_inputs.py /tmp/san$d 2 300 4 2 $d > /dev/null
+            for tool in memcheck racecheck; do
+                for flags in "" "--causal" "--window 64,16 --softcap 10"; do
+                    echo "-- d=$d $tool $flags"
+                    compute-sanitizer --tool $tool --error-exitcode 9 $FA run --device cuda --q /tmp/san$d/q.npy --k /tmp/san$d/k.npy --v /tmp/san$d/v.npy \
+                        --out /tmp/san$d/o.npy --lse /tmp/san$d/lse.npy --dout /tmp/san$d/do.npy --dq /tmp/san$d/dq.npy --dk /tmp/san$d/dk.npy --dv /tmp/san$d/dv.npy $flags 2>&1 | tail -4
+                    echo "exit ${PIPESTATUS[0]}"
+                done
             done
         done
     } | tee "$OUT/sanitizer.txt"
