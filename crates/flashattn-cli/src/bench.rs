@@ -5,7 +5,7 @@
 //! call; a matrix multiplication measured in the same run gives the machine's ceiling for context.
 
 use crate::alloc::peak_extra;
-use crate::device::{self, Device};
+use crate::device::{Device, Target};
 use crate::plot;
 use crate::subject::{self, Pass, Shape, Subject};
 use clap::{Args, ValueEnum};
@@ -137,18 +137,12 @@ struct Setup {
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
-    let device = device::parse(&args.device)?;
-    let isa = match args.cpu_isa {
-        Some(isa) => isa.require().map_err(|e| e.to_string())?,
-        None => Isa::detect().map_err(|e| e.to_string())?,
-    };
+    let target = Target::resolve(&args.device, args.cpu_isa)?;
+    let (device, isa) = (target.device, target.isa);
     if args.seqlen.is_empty() || args.seqlen.contains(&0) {
         return Err("--seqlen: expected positive sequence lengths".into());
     }
-    let dtype = args.dtype.unwrap_or(if device == Device::Cpu { DType::F32 } else { DType::BF16 });
-    if device != Device::Cpu && dtype == DType::F32 {
-        return Err("--dtype f32: the GPU kernels take f16 or bf16".into());
-    }
+    let dtype = target.dtype(args.dtype)?;
     let impls = if !args.impls.is_empty() {
         args.impls.clone()
     } else if device == Device::Cpu {
@@ -157,12 +151,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         vec![Impl::Flash]
     };
     let passes = args.pass.passes();
-    let threads = rayon::current_num_threads();
-    let label = match device {
-        Device::Cpu => format!("cpu ({isa}, {threads} threads)"),
-        Device::Cuda(i) => format!("cuda:{i} ({})", gpu_name(i)),
-    };
-    let setup = Setup { device, isa, dtype, label };
+    let setup = Setup { device, isa, dtype, label: target.label() };
     let first = ceiling(&setup, args.json)?;
 
     let mut shapes = Vec::new();
@@ -234,16 +223,6 @@ fn rate(tflops: f64, device: Device) -> String {
         Device::Cpu => format!("{:.1} GFLOP/s", tflops * 1e3),
         Device::Cuda(_) => format!("{tflops:.1} TFLOP/s"),
     }
-}
-
-#[cfg(feature = "cuda")]
-fn gpu_name(ordinal: usize) -> String {
-    flashattn::cuda::Gpu::open(ordinal).map(|g| g.name().to_string()).unwrap_or_default()
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_name(_: usize) -> String {
-    String::new()
 }
 
 /// The device's matrix rate: an f32 GEMM of the gemm crate on the CPU, a bf16 cuBLAS GEMM on a GPU.

@@ -3,13 +3,13 @@
 //! effectively apply), with the N where each approximation overtakes flash attention, if it does.
 
 use crate::bench::{human_bytes, loglog_slope, time};
-use crate::device::{self, Device};
+use crate::device::{Device, Target};
 use crate::plot::{self, Series};
 use crate::random::fill_normal;
 use crate::subject::{self, Pass, Shape, Subject};
 use clap::Args;
 use flashattn::approx::{self, Method, Projection};
-use flashattn::{Backend, DType, Element, Isa, Plan, TensorRef};
+use flashattn::{DType, Element, Plan, TensorRef};
 use half::{bf16, f16};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -110,8 +110,8 @@ impl<F: FnMut(Pass) -> flashattn::Result<()>> Subject for Closure<F> {
 }
 
 pub fn run(args: &CompareArgs) -> Result<(), String> {
-    let device = device::parse(&args.device)?;
-    let dtype = args.dtype.unwrap_or(if device == Device::Cpu { DType::F32 } else { DType::BF16 });
+    let target = Target::resolve(&args.device, None)?;
+    let dtype = target.dtype(args.dtype)?;
     if args.seqlen.is_empty() || args.seqlen.contains(&0) || args.head_dim == 0 || args.heads == 0 || args.batch == 0 {
         return Err("--seqlen, --head-dim, --heads and --batch must be positive".into());
     }
@@ -125,9 +125,9 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     }
     methods.extend(args.performer_m.iter().map(|&m| Method::Performer { features: m, seed: args.seed }));
     match dtype {
-        DType::F32 => compare::<f32>(args, device, &methods),
-        DType::F16 => compare::<f16>(args, device, &methods),
-        DType::BF16 => compare::<bf16>(args, device, &methods),
+        DType::F32 => compare::<f32>(args, target, &methods),
+        DType::F16 => compare::<f16>(args, target, &methods),
+        DType::BF16 => compare::<bf16>(args, target, &methods),
     }
 }
 
@@ -147,16 +147,10 @@ fn rel_frobenius(a: impl Iterator<Item = f64>, b: impl Iterator<Item = f64>) -> 
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
-fn compare<T: Element>(args: &CompareArgs, device: Device, methods: &[Method]) -> Result<(), String> {
-    let isa = Isa::detect().map_err(|e| e.to_string())?;
-    let exact_backend = match device {
-        Device::Cpu => Backend::Cpu(isa),
-        Device::Cuda(i) => Backend::Cuda(i),
-    };
-    let label = match device {
-        Device::Cpu => format!("cpu ({isa}, {} threads)", rayon::current_num_threads()),
-        Device::Cuda(i) => format!("cuda:{i}"),
-    };
+fn compare<T: Element>(args: &CompareArgs, target: Target, methods: &[Method]) -> Result<(), String> {
+    let device = target.device;
+    let exact_backend = target.backend();
+    let label = target.label();
     let passes = args.pass.passes();
     let total = (args.seqlen.len() * (1 + methods.len()) * passes.len()) as u64;
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(total) };

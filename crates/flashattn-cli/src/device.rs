@@ -1,5 +1,6 @@
-//! Where work runs: the CPU or a CUDA GPU, from a `--device` flag.
+//! Where work runs: the CPU or a CUDA GPU, from a `--device` flag (and `--cpu-isa`).
 
+use flashattn::{Backend, DType, Isa};
 use std::fmt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +33,61 @@ pub fn parse(s: &str) -> Result<Device, String> {
             Ok(Device::Cuda(ordinal))
         }
     }
+}
+
+/// A resolved `--device` and `--cpu-isa`: where the flash kernels run.
+#[derive(Clone, Copy, Debug)]
+pub struct Target {
+    pub device: Device,
+    pub isa: Isa,
+}
+
+impl Target {
+    /// `--device` and the optional `--cpu-isa` (default: the best instruction set this CPU has).
+    pub fn resolve(device: &str, cpu_isa: Option<Isa>) -> Result<Target, String> {
+        let device = parse(device)?;
+        let isa = match cpu_isa {
+            Some(isa) => isa.require(),
+            None => Isa::detect(),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(Target { device, isa })
+    }
+
+    /// `--dtype`, by default f32 on the CPU and bf16 on a GPU (whose kernels take only 16-bit types).
+    pub fn dtype(&self, requested: Option<DType>) -> Result<DType, String> {
+        let gpu = self.device != Device::Cpu;
+        match requested.unwrap_or(if gpu { DType::BF16 } else { DType::F32 }) {
+            DType::F32 if gpu => Err("--dtype f32: the GPU kernels take f16 or bf16".into()),
+            dtype => Ok(dtype),
+        }
+    }
+
+    /// The flash attention backend of this target.
+    pub fn backend(&self) -> Backend {
+        match self.device {
+            Device::Cpu => Backend::Cpu(self.isa),
+            Device::Cuda(i) => Backend::Cuda(i),
+        }
+    }
+
+    /// For reports: "cpu (avx2, 2 threads)", "cuda:0 (NVIDIA H200)".
+    pub fn label(&self) -> String {
+        match self.device {
+            Device::Cpu => format!("cpu ({}, {} threads)", self.isa, rayon::current_num_threads()),
+            Device::Cuda(i) => format!("cuda:{i} ({})", gpu_name(i)),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_name(ordinal: usize) -> String {
+    flashattn::cuda::Gpu::open(ordinal).map(|g| g.name().to_string()).unwrap_or_default()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_name(_: usize) -> String {
+    String::new()
 }
 
 fn bad(s: &str) -> String {

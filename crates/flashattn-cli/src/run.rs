@@ -2,7 +2,7 @@
 //! written as f32 .npy. How tensors move in and out, and how results are checked against other libraries.
 
 use crate::bench::Impl;
-use crate::device::Device;
+use crate::device::Target;
 use crate::npy::{self, Array};
 use clap::Args;
 use flashattn::{AttnOptions, Backend, DType, Element, Isa, TensorRef};
@@ -91,7 +91,7 @@ fn parse_window(s: &str) -> Result<(Option<usize>, Option<usize>), String> {
 }
 
 pub fn run(args: &RunArgs) -> Result<(), String> {
-    let device = crate::device::parse(&args.device)?;
+    let target = Target::resolve(&args.device, args.cpu_isa)?;
     let wants_grads = args.dq.is_some() || args.dk.is_some() || args.dv.is_some();
     match (&args.dout, wants_grads) {
         (Some(_), false) => {
@@ -100,13 +100,9 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
         (None, true) => return Err("--dq/--dk/--dv need --dout, the gradient of the output".into()),
         _ => {}
     }
-    let backend = match (args.implementation, device) {
-        (Impl::Reference, _) => Backend::Reference,
-        (Impl::Flash, Device::Cuda(i)) => Backend::Cuda(i),
-        (Impl::Flash, Device::Cpu) => Backend::Cpu(match args.cpu_isa {
-            Some(isa) => isa.require().map_err(|e| e.to_string())?,
-            None => Isa::detect().map_err(|e| e.to_string())?,
-        }),
+    let backend = match args.implementation {
+        Impl::Reference => Backend::Reference,
+        Impl::Flash => target.backend(),
     };
     let q = npy::read_floats(&args.q)?;
     let k = npy::read_floats(&args.k)?;
