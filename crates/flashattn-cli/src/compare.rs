@@ -26,9 +26,12 @@ pub struct CompareArgs {
     /// Head dimension.
     #[arg(long, default_value_t = 64)]
     pub head_dim: usize,
-    /// Heads (queries and keys alike).
+    /// Query heads.
     #[arg(long, default_value_t = 4)]
     pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than --heads, which they must divide); default: --heads.
+    #[arg(long)]
+    pub heads_kv: Option<usize>,
     /// Batch size.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -115,6 +118,9 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     if args.seqlen.is_empty() || args.seqlen.contains(&0) || args.head_dim == 0 || args.heads == 0 || args.batch == 0 {
         return Err("--seqlen, --head-dim, --heads and --batch must be positive".into());
     }
+    if args.heads_kv.is_some_and(|kv| kv == 0 || args.heads % kv != 0) {
+        return Err(format!("--heads-kv: expected a divisor of --heads ({})", args.heads));
+    }
     let mut methods: Vec<Method> = Vec::new();
     if !args.causal {
         methods.extend(args.linformer_k.iter().map(|&k| Method::Linformer {
@@ -160,7 +166,7 @@ fn compare<T: Element>(args: &CompareArgs, target: Target, methods: &[Method]) -
         let shape = Shape {
             batch: args.batch,
             heads_q: args.heads,
-            heads_kv: args.heads,
+            heads_kv: args.heads_kv.unwrap_or(args.heads),
             seqlen: n,
             head_dim: args.head_dim,
             causal: args.causal,
@@ -275,10 +281,11 @@ fn compare<T: Element>(args: &CompareArgs, target: Target, methods: &[Method]) -
             path,
             &rows,
             &format!(
-                "{label}, {}, d={}, H={}, B={}{}",
+                "{label}, {}, d={}, H={}{}, B={}{}",
                 T::DTYPE,
                 args.head_dim,
                 args.heads,
+                args.heads_kv.filter(|&kv| kv != args.heads).map_or(String::new(), |kv| format!(" (KV {kv})")),
                 args.batch,
                 if args.causal { ", causal" } else { "" }
             ),

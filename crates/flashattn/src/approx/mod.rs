@@ -242,7 +242,7 @@ pub(crate) struct Outputs<'a, O> {
 }
 
 /// The result of one query head: its output (empty unless `want_out` or needed anyway), and with a gradient its
-/// dq and its share of dk and dv.
+/// dq and its key-side gradients in its method's own terms (summed over the group, then taken to dk and dv).
 pub(crate) struct HeadResult<R> {
     pub out: Vec<R>,
     pub grads: Option<(Vec<R>, Vec<R>, Vec<R>)>,
@@ -271,15 +271,47 @@ impl<R: Real> HeadInput<'_, R> {
     }
 }
 
-type HeadFn<R> = Box<dyn Fn(&HeadInput<R>) -> HeadResult<R> + Sync>;
+/// A method as the group loop runs it. The key-side work of a key/value head is done once for every query head of
+/// its group (Linformer: K' = E K and V' = F V; Performer: the key features and, unmasked, the key state). Each
+/// query head runs on top of it and returns its key-side gradients in the method's own terms; their sum over the
+/// group is taken back to dK and dV once (a linear map for both methods).
+pub(crate) trait GroupMethod<R: Real>: Sync {
+    type Keys;
+    fn keys(&self, k: &[R], v: &[R]) -> Self::Keys;
+    fn head(&self, keys: &Self::Keys, h: &HeadInput<R>) -> HeadResult<R>;
+    fn key_grads(&self, keys: &Self::Keys, gk: Vec<R>, gv: Vec<R>) -> (Vec<R>, Vec<R>);
+}
 
 /// Runs a method over every (sequence, key/value head) in parallel, the group's query heads inside, and writes
 /// the results through `conv`.
 fn run<T: Element, R: Real, O: Send>(
     plan: &Plan,
-    (q, k, v): Qkv<T>,
+    qkv: Qkv<T>,
     dout: Option<&TensorRef<T>>,
     method: &Method,
+    outs: Outputs<O>,
+    conv: impl Fn(f64) -> O + Sync,
+) {
+    let (d, sk) = (plan.head_dim, plan.len_k[0]);
+    match *method {
+        Method::Linformer { k, projection, seed } => {
+            let p = linformer::Projections::<R>::new(k, sk, projection, seed);
+            run_groups(plan, qkv, dout, &linformer::Linformer { p, d }, outs, conv)
+        }
+        Method::Performer { features, seed } => {
+            let w = performer::features::<R>(features, d, seed);
+            let scale = R::of(plan.mask.scale as f64);
+            let method = performer::Performer { w, m: features, d, scale, causal: plan.mask.causal };
+            run_groups(plan, qkv, dout, &method, outs, conv)
+        }
+    }
+}
+
+fn run_groups<T: Element, R: Real, O: Send, M: GroupMethod<R>>(
+    plan: &Plan,
+    (q, k, v): Qkv<T>,
+    dout: Option<&TensorRef<T>>,
+    method: &M,
     outs: Outputs<O>,
     conv: impl Fn(f64) -> O + Sync,
 ) {
@@ -287,16 +319,6 @@ fn run<T: Element, R: Real, O: Send>(
     let (sq, sk) = (plan.len_q[0], plan.len_k[0]);
     let scale = R::of(plan.mask.scale as f64);
     let causal_shift = plan.mask.causal.then_some(sk as i64 - sq as i64);
-    let head_fn: HeadFn<R> = match *method {
-        Method::Linformer { k, projection, seed } => {
-            let proj = linformer::Projections::<R>::new(k, sk, projection, seed);
-            Box::new(move |h| linformer::head(&proj, h))
-        }
-        Method::Performer { features, seed } => {
-            let w = performer::features::<R>(features, d, seed);
-            Box::new(move |h| performer::head(&w, features, h))
-        }
-    };
     let out = outs.out.map(|o| SharedMut(o.as_mut_ptr()));
     let grads =
         outs.grads.map(|(a, b, c)| (SharedMut(a.as_mut_ptr()), SharedMut(b.as_mut_ptr()), SharedMut(c.as_mut_ptr())));
@@ -306,12 +328,13 @@ fn run<T: Element, R: Real, O: Send>(
         let (seq, hk) = (task / plan.heads_kv, task % plan.heads_kv);
         let kh = gather(k, &plan.k, seq, hk, sk, d);
         let vh = gather(v, &plan.v, seq, hk, sk, d);
-        let (mut dk, mut dv) = (vec![R::ZERO; sk * d], vec![R::ZERO; sk * d]);
+        let keys = method.keys(&kh, &vh);
+        let mut key_grads: Option<(Vec<R>, Vec<R>)> = None; // summed over the group's query heads
         for h in hk * plan.group()..(hk + 1) * plan.group() {
             let qh = gather(q, &plan.q, seq, h, sq, d);
             let doh = dout.map(|t| gather(t, dout_acc.as_ref().unwrap(), seq, h, sq, d));
             let input = HeadInput { d, scale, causal_shift, q: &qh, k: &kh, v: &vh, dout: doh.as_deref(), want_out };
-            let r = head_fn(&input);
+            let r = method.head(&keys, &input);
             for i in 0..sq {
                 let base = plan.o.index(seq, i, h);
                 for c in 0..d {
@@ -326,12 +349,18 @@ fn run<T: Element, R: Real, O: Send>(
                     }
                 }
             }
-            if let Some((_, gk, gv)) = &r.grads {
-                dk.iter_mut().zip(gk).for_each(|(a, &b)| *a += b);
-                dv.iter_mut().zip(gv).for_each(|(a, &b)| *a += b);
+            if let Some((_, gk, gv)) = r.grads {
+                match &mut key_grads {
+                    None => key_grads = Some((gk, gv)),
+                    Some((acc_k, acc_v)) => {
+                        acc_k.iter_mut().zip(&gk).for_each(|(a, &b)| *a += b);
+                        acc_v.iter_mut().zip(&gv).for_each(|(a, &b)| *a += b);
+                    }
+                }
             }
         }
-        if let Some((_, gk, gv)) = grads {
+        if let (Some((_, gk, gv)), Some((sum_k, sum_v))) = (grads, key_grads) {
+            let (dk, dv) = method.key_grads(&keys, sum_k, sum_v);
             for j in 0..sk {
                 let base = plan.dkv.index(seq, j, hk);
                 for c in 0..d {

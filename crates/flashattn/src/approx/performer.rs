@@ -4,7 +4,7 @@
 //! Attention becomes O = phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1): no N x N matrix; the causal mask becomes
 //! prefix sums over the keys. Stabilizers (a max per query row, one max over all keys) cancel in the ratio.
 
-use super::{matmul, HeadInput, HeadResult, Rng};
+use super::{matmul, GroupMethod, HeadInput, HeadResult, Rng};
 use crate::reference::{dot, Real};
 
 /// `m` random features of dimension `d` (m x d, row-major): orthogonal within each block of d rows.
@@ -73,11 +73,52 @@ fn feature_grad<R: Real>(w: &[R], m: usize, d: usize, phi: &[R], dphi: &mut [R],
     dx
 }
 
-/// One query head: the output and, with dout, the gradients.
-pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R> {
+/// Performer for the group loop: the key features (and, without a mask, the key state) of a key/value head serve
+/// every query head of its group, and dK is taken once through the features from the group's summed dphi(K).
+pub(crate) struct Performer<R> {
+    pub w: Vec<R>,
+    pub m: usize,
+    pub d: usize,
+    pub scale: R,
+    pub causal: bool,
+}
+
+/// phi(K) and sqrt(scale) K, and without a mask the full key state (KV = phi(K)^T V, z = phi(K)^T 1).
+pub(crate) struct Keys<R> {
+    pk: Vec<R>,
+    kt: Vec<R>,
+    state: Option<(Vec<R>, Vec<R>)>,
+}
+
+impl<R: Real> GroupMethod<R> for Performer<R> {
+    type Keys = Keys<R>;
+
+    fn keys(&self, k: &[R], v: &[R]) -> Keys<R> {
+        let (m, d) = (self.m, self.d);
+        let (pk, kt) = feature_map(&self.w, m, d, k, self.scale, false);
+        let state = (!self.causal).then(|| {
+            let mut kv = vec![R::ZERO; m * d];
+            matmul(m, d, k.len() / d, &pk, true, v, false, &mut kv, false);
+            let z = column_sums(&pk, m);
+            (kv, z)
+        });
+        Keys { pk, kt, state }
+    }
+
+    fn head(&self, keys: &Keys<R>, h: &HeadInput<R>) -> HeadResult<R> {
+        head(&self.w, self.m, keys, h)
+    }
+
+    fn key_grads(&self, keys: &Keys<R>, mut dpk: Vec<R>, dv: Vec<R>) -> (Vec<R>, Vec<R>) {
+        (feature_grad(&self.w, self.m, self.d, &keys.pk, &mut dpk, &keys.kt, self.scale), dv)
+    }
+}
+
+/// One query head against its key head's features: the output and, with dout, dq, dphi(K) and dV.
+fn head<R: Real>(w: &[R], m: usize, keys: &Keys<R>, h: &HeadInput<R>) -> HeadResult<R> {
     let (d, sq, sk) = (h.d, h.len_q(), h.len_k());
     let (pq, qt) = feature_map(w, m, d, h.q, h.scale, true);
-    let (pk, kt) = feature_map(w, m, d, h.k, h.scale, false);
+    let pk = &keys.pk;
     // Per query: num (d) and den from the key state (KV = phiK^T V, z = phiK^T 1) it sees; O = num / den. With a
     // gradient, dnum = dO / den, dden = -(dO . O) / den, and dphiQ = KV dnum + z dden.
     let mut num = vec![R::ZERO; sq * d];
@@ -85,23 +126,20 @@ pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R
     let mut dnum = vec![R::ZERO; if h.dout.is_some() { sq * d } else { 0 }];
     let mut dden = vec![R::ZERO; sq];
     let mut dpq = vec![R::ZERO; if h.dout.is_some() { sq * m } else { 0 }];
-    // The full key state, for every query alike (no mask): also what the backward reuses.
-    let full_state = match h.causal_shift {
+    // Without a mask every query sees the full key state (which the backward reuses).
+    match h.causal_shift {
         None => {
-            let mut kv = vec![R::ZERO; m * d];
-            matmul(m, d, sk, &pk, true, h.v, false, &mut kv, false);
-            let z = column_sums(&pk, m);
-            matmul(sq, d, m, &pq, false, &kv, false, &mut num, false);
+            let (kv, z) = keys.state.as_ref().expect("an unmasked problem has the full key state");
+            matmul(sq, d, m, &pq, false, kv, false, &mut num, false);
             for i in 0..sq {
                 let g = h.dout.map(|g| (&g[i * d..(i + 1) * d], &mut dnum[i * d..(i + 1) * d]));
                 dden[i] = output_row(
                     &num[i * d..(i + 1) * d],
-                    dot(&pq[i * m..(i + 1) * m], &z),
+                    dot(&pq[i * m..(i + 1) * m], z),
                     &mut out[i * d..(i + 1) * d],
                     g,
                 );
             }
-            Some((kv, z))
         }
         Some(shift) => {
             // Prefix sums over the keys; dphiQ needs the state each query saw, so it is taken in the same scan.
@@ -123,19 +161,18 @@ pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R
                     row.iter_mut().zip(&z).for_each(|(g, &zr)| *g += zr * dden[i]);
                 }
             }
-            None
         }
-    };
+    }
     if h.dout.is_none() {
         return HeadResult { out, grads: None };
     }
 
     let mut dpk = vec![R::ZERO; sk * m];
     let mut dv = vec![R::ZERO; sk * d];
-    match (full_state, h.causal_shift) {
-        (Some((kv, z)), _) => {
+    match (&keys.state, h.causal_shift) {
+        (Some((kv, z)), None) => {
             // num = phiQ KV, den = phiQ z: dphiQ = dnum KV^T + dden z^T; dKV = phiQ^T dnum; dz = phiQ^T dden.
-            matmul(sq, m, d, &dnum, false, &kv, true, &mut dpq, false);
+            matmul(sq, m, d, &dnum, false, kv, true, &mut dpq, false);
             for i in 0..sq {
                 for r in 0..m {
                     dpq[i * m + r] += dden[i] * z[r];
@@ -152,11 +189,11 @@ pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R
                     dpk[j * m + r] += dz[r];
                 }
             }
-            matmul(sk, d, m, &pk, false, &dkv, false, &mut dv, false);
+            matmul(sk, d, m, pk, false, &dkv, false, &mut dv, false);
         }
-        (None, shift) => {
+        (_, shift) => {
             // Reverse scan over keys with the suffix sums of the queries that see them.
-            let shift = shift.expect("the causal path keeps no full state");
+            let shift = shift.expect("an unmasked problem has the full key state");
             let (mut rk, mut rz) = (vec![R::ZERO; m * d], vec![R::ZERO; m]);
             let mut next_q = sq as i64 - 1;
             for j in (0..sk).rev() {
@@ -173,8 +210,7 @@ pub(crate) fn head<R: Real>(w: &[R], m: usize, h: &HeadInput<R>) -> HeadResult<R
         }
     }
     let dq = feature_grad(w, m, d, &pq, &mut dpq, &qt, h.scale);
-    let dk = feature_grad(w, m, d, &pk, &mut dpk, &kt, h.scale);
-    HeadResult { out, grads: Some((dq, dk, dv)) }
+    HeadResult { out, grads: Some((dq, dpk, dv)) }
 }
 
 /// A query's output O = num / den (0 when it sees no key); with (dO, dnum), writes dnum = dO / den and returns
