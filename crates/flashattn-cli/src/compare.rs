@@ -118,7 +118,7 @@ pub fn run(args: &CompareArgs) -> Result<(), String> {
     if args.seqlen.is_empty() || args.seqlen.contains(&0) || args.head_dim == 0 || args.heads == 0 || args.batch == 0 {
         return Err("--seqlen, --head-dim, --heads and --batch must be positive".into());
     }
-    if args.heads_kv.is_some_and(|kv| kv == 0 || args.heads % kv != 0) {
+    if args.heads_kv.is_some_and(|kv| kv == 0 || !args.heads.is_multiple_of(kv)) {
         return Err(format!("--heads-kv: expected a divisor of --heads ({})", args.heads));
     }
     let mut methods: Vec<Method> = Vec::new();
