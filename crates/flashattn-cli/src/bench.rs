@@ -66,6 +66,9 @@ pub struct BenchArgs {
     /// Causal mask.
     #[arg(long)]
     pub causal: bool,
+    /// Time the deterministic backward (GPU: dQ added in a fixed order; the CPU's is always deterministic).
+    #[arg(long)]
+    pub deterministic: bool,
     /// Which passes to time.
     #[arg(long, value_enum, default_value = "both")]
     pub pass: PassSel,
@@ -169,6 +172,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                 head_dim: d,
                 causal: args.causal,
                 scale: None,
+                deterministic: args.deterministic,
             });
         }
     }

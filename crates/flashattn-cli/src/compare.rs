@@ -171,6 +171,7 @@ fn compare<T: Element>(args: &CompareArgs, target: Target, methods: &[Method]) -
             head_dim: args.head_dim,
             causal: args.causal,
             scale: args.scale,
+            deterministic: false,
         };
         let (qs, kvs) = (shape.q_shape(), shape.kv_shape());
         let numel: usize = qs.iter().product();

@@ -51,6 +51,9 @@ pub struct RunArgs {
     /// Soft cap of the scores: cap * tanh(score / cap).
     #[arg(long, allow_negative_numbers = true)]
     pub softcap: Option<f32>,
+    /// Bit-for-bit reproducible backward (GPU: dQ added in a fixed order; the CPU's always is).
+    #[arg(long)]
+    pub deterministic: bool,
     /// Softmax scale [default: 1/sqrt(head_dim)].
     #[arg(long, allow_negative_numbers = true)]
     pub scale: Option<f32>,
@@ -112,6 +115,7 @@ pub fn run(args: &RunArgs) -> Result<(), String> {
     if let Some((l, r)) = args.window {
         opts = opts.window(l, r);
     }
+    opts.deterministic = args.deterministic;
     opts.softcap = args.softcap;
     opts.scale = args.scale;
     if let Some(path) = &args.alibi {

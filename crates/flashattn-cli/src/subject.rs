@@ -16,6 +16,8 @@ pub struct Shape {
     pub causal: bool,
     /// Softmax scale [default: 1/sqrt(head_dim)].
     pub scale: Option<f32>,
+    /// Bit-for-bit reproducible backward (GPU).
+    pub deterministic: bool,
 }
 
 impl Shape {
@@ -38,7 +40,7 @@ impl Shape {
     }
 
     pub fn options(&self) -> AttnOptions {
-        let mut opts = AttnOptions::new().causal(self.causal);
+        let mut opts = AttnOptions::new().causal(self.causal).deterministic(self.deterministic);
         opts.scale = self.scale;
         opts
     }

@@ -85,8 +85,9 @@ fn gpu_larger_shapes() {
 #[test]
 fn gpu_deterministic_backward_is_reproducible() {
     let Some(backend) = gpu("gpu_deterministic_backward_is_reproducible") else { return };
-    for causal in [false, true] {
-        let mut case = Case::dense(2, 600, 900, 4, 1, 64);
+    // Head dims 64 and 128: on Hopper, both step sizes of its backward.
+    for (causal, d) in [(false, 64), (true, 64), (false, 128), (true, 128)] {
+        let mut case = Case::dense(2, 600, 900, 4, 1, d);
         case.causal = causal;
         case.dtype = DType::BF16;
         let inp = inputs::<bf16>(&case);
@@ -98,7 +99,7 @@ fn gpu_deterministic_backward_is_reproducible() {
             let again = flashattn::backward(&q, &k, &v, &fwd.out_ref(), &fwd.lse, &dout, &opts, backend).unwrap();
             assert!(
                 again.dq == first.dq && again.dk == first.dk && again.dv == first.dv,
-                "causal={causal}: not bit-identical"
+                "causal={causal}, d={d}: not bit-identical"
             );
         }
         let mut det = case.clone();

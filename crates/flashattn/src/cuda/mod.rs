@@ -309,17 +309,16 @@ impl Gpu {
         Ok(())
     }
 
-    /// The kernel variant for a problem: the Hopper family on sm_90 where it takes the head dim (and, for the
-    /// backward, unless it must be deterministic) unless `FLASHATTN_GPU_KERNELS=portable`; else the portable one.
+    /// The kernel variant for a problem: the Hopper family on sm_90 where it takes the head dim, unless
+    /// `FLASHATTN_GPU_KERNELS=portable`; else the portable one.
     fn variant(&self, pass: Pass, dtype: DType, head_dim: usize, opts: &AttnOptions) -> Result<Variant> {
         let hdim = kernels::padded_head_dim(head_dim)?;
         let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
         let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
         let sm90 = self.arch.0 >= 9;
         let portable = Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90 };
-        let deterministic = pass == Pass::Backward && opts.deterministic;
         match kernels::hopper_head_dim(head_dim, pass) {
-            Some(hdim) if self.arch == (9, 0) && !deterministic && !portable_forced() => {
+            Some(hdim) if self.arch == (9, 0) && !portable_forced() => {
                 Ok(Variant { family: Family::Hopper, hdim, ..portable })
             }
             _ => Ok(portable),

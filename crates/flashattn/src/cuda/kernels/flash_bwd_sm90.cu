@@ -11,7 +11,8 @@
 //   64-query steps P^T is computed under dP^T and dS^T under dV), then
 //   dS^T through shared memory (double-buffered, both warpgroups' halves, handed over by mbarriers) for
 //   dQ = dS K, computed one step later, which each warp adds to the f32 dQ accumulator by TMA (reduce-add of
-//   its 16 rows, staged in shared memory).
+//   its 16 rows, staged in shared memory; in deterministic mode key blocks add in order, through a counter per
+//   query block).
 // dQ = dS K is split between the consumers by query rows when a step has 128 of them, else by halves of the
 // columns (DQ_N of them each).
 //
@@ -56,7 +57,10 @@ DEVICE KeyBlock key_block(const AttnParams &p) {
     KeyBlock kb;
     kb.b = blockIdx.z;
     kb.hk = blockIdx.y;
-    kb.n0 = blockIdx.x * BLOCK_N;
+    // Deterministic mode takes key blocks from the last: a query block's dQ additions run from its last key block
+    // down (under a causal mask the last is the first to reach it), and a CTA then waits only for CTAs launched
+    // before it.
+    kb.n0 = (p.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BLOCK_N;
     kb.group = p.heads_q / p.heads_kv;
     kb.seq = sequence(p, kb.b);
     kb.mask = make_mask(p, kb.seq);
@@ -65,6 +69,19 @@ DEVICE KeyBlock key_block(const AttnParams &p) {
     kb.num_m = max(0, blocks.y - blocks.x);
     kb.steps = kb.num_m * kb.group;
     return kb;
+}
+
+// Deterministic mode: the counter of the dQ additions to step st's query block (one per batch, head and query
+// block). Key blocks add in order, from the last, each as its 8 consumer warps finish.
+DEVICE int *dq_turns(const AttnParams &p, const KeyBlock &kb, int st, int h) {
+    const int num_m = (p.seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    return p.dq_semaphore + ((long long)kb.b * p.heads_q + h) * num_m + kb.m0(st) / BLOCK_M;
+}
+
+DEVICE int ld_acquire(const int *at) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(at) : "memory");
+    return v;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -175,12 +192,30 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
         __syncwarp();
         if (lane == 0) {
             const int row = kb.seq.start_q + kb.m0(st) + (DQ_SPLIT_M ? 64 * c : 0) + 16 * warp;
+            int *turns = p.deterministic ? dq_turns(p, kb, st, h) : 0;
+            if (turns) {
+                // The warps of the key blocks after this one (up to the last that the query block sees) add first:
+                // each counts itself in when done (the warps of one block add to different rows or columns, in any
+                // order).
+                const int m0 = kb.m0(st), last = (kb.mask.hi(min(m0 + BLOCK_M, kb.seq.len_q)) - 1) / BLOCK_N;
+                const int before = (last - kb.n0 / BLOCK_N) * RELEASES;
+                while (ld_acquire(turns) < before) {
+                }
+                asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            }
 #pragma unroll
             for (int box = 0; box < DQ_N / 32; ++box) {
                 tma_reduce_add(tdq, staging + box * 2048, dq_col + 32 * box, row, h, p.cu_seqlens_q ? 0 : kb.b);
             }
             bulk_commit();
+            if (turns) {
+                bulk_wait_all();  // the additions are done
+                asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                __threadfence();
+                atomicAdd(turns, 1);
+            }
         }
+        __syncwarp();  // the warp goes on to warpgroup-wide instructions together
     };
 
     mbar_wait(sm.kv_full(), 0);
