@@ -84,6 +84,18 @@ DEVICE int ld_acquire(const int *at) {
     return v;
 }
 
+// Waits until the warps of the key blocks after this one (up to the last that step st's query block sees) have
+// added their dQ: each counts itself in when done (the warps of one block add to different rows or columns, in
+// any order).
+DEVICE void wait_turn(const AttnParams &p, const KeyBlock &kb, int st, int h) {
+    const int m0 = kb.m0(st), last = (kb.mask.hi(min(m0 + BLOCK_M, kb.seq.len_q)) - 1) / BLOCK_N;
+    const int before = (last - kb.n0 / BLOCK_N) * RELEASES;
+    const int *turns = dq_turns(p, kb, st, h);
+    while (ld_acquire(turns) < before) {
+    }
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Shared memory: K, V, the Q and dO rings, two dS^T buffers, the consumers' dQ staging tiles, the statistics
 // ring (lse and D per stage), the mbarriers (K and V; full and empty per stage and per dS^T buffer).
@@ -192,27 +204,17 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
         __syncwarp();
         if (lane == 0) {
             const int row = kb.seq.start_q + kb.m0(st) + (DQ_SPLIT_M ? 64 * c : 0) + 16 * warp;
-            int *turns = p.deterministic ? dq_turns(p, kb, st, h) : 0;
-            if (turns) {
-                // The warps of the key blocks after this one (up to the last that the query block sees) add first:
-                // each counts itself in when done (the warps of one block add to different rows or columns, in any
-                // order).
-                const int m0 = kb.m0(st), last = (kb.mask.hi(min(m0 + BLOCK_M, kb.seq.len_q)) - 1) / BLOCK_N;
-                const int before = (last - kb.n0 / BLOCK_N) * RELEASES;
-                while (ld_acquire(turns) < before) {
-                }
-                asm volatile("fence.proxy.async.global;\n" ::: "memory");
-            }
+            if (p.deterministic) wait_turn(p, kb, st, h);
 #pragma unroll
             for (int box = 0; box < DQ_N / 32; ++box) {
                 tma_reduce_add(tdq, staging + box * 2048, dq_col + 32 * box, row, h, p.cu_seqlens_q ? 0 : kb.b);
             }
             bulk_commit();
-            if (turns) {
+            if (p.deterministic) {
                 bulk_wait_all();  // the additions are done
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
                 __threadfence();
-                atomicAdd(turns, 1);
+                atomicAdd(dq_turns(p, kb, st, h), 1);
             }
         }
         __syncwarp();  // the warp goes on to warpgroup-wide instructions together
@@ -236,17 +238,15 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
         for (int kk = 0; kk < HDIM / 16; ++kk) WGMMA_SS(dp, kmajor(v_a, BLOCK_N, kk), kmajor(dout, BLOCK_M, kk), kk > 0);
         wgmma_commit();
 
-        // The lse and D of the two query columns this thread holds in 8-query tile q8. The first tiles' lse
-        // load under the products (all of them would not fit the registers).
+        // The lse and D of the two query columns this thread holds in 8-query tile q8.
         auto lse_pair = [&](int q8) { return ld_shared_f2(sm.lse(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
         auto delta_pair = [&](int q8) { return ld_shared_f2(sm.delta(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
-        const float2 lse_first[2] = {lse_pair(0), lse_pair(1)};
 
         // P^T and d score / d (q.k) of the thread's four elements of 8-query tile q8.
         const bool need_mask = !kb.mask.full(m0, m0 + BLOCK_M, key_lo, key_lo + 64);
         auto probabilities = [&](int q8, float(&pr)[4], float(&dscore)[4]) {
             const int col = 8 * q8 + 2 * (lane % 4);
-            const float2 lse2 = q8 < 2 ? lse_first[q8] : lse_pair(q8);
+            const float2 lse2 = lse_pair(q8);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = m0 + col + e % 2, j = kb.n0 + r0 + 8 * (e / 2);
