@@ -385,35 +385,15 @@ impl Gpu {
 
     /// The TMA map of a query-side (q, o, dout) or key-side (k, v) tensor, read in boxes of `box_rows` rows.
     fn tensor_map(&self, plan: &Plan, t: &DeviceTensor, side: Side, box_rows: usize) -> Result<tma::TmaMap> {
-        let (heads, lens) = match side {
-            Side::Query => (plan.heads_q, &plan.len_q),
-            Side::Key => (plan.heads_kv, &plan.len_k),
-        };
-        // A map cannot have an empty dimension; with no rows no copy is issued.
-        let (rows, batch) = if plan.varlen { (t.shape[0], 1) } else { (plan_max(lens), plan.batch) };
-        let layout = tma::Layout {
-            ptr: t.ptr(&self.stream),
-            head_dim: plan.head_dim,
-            rows: rows.max(1),
-            heads,
-            batch,
-            strides: strides3(&t.strides),
-        };
+        let layout = map_layout(plan, side, t.ptr(&self.stream), t.shape[0], plan.head_dim, strides3(&t.strides));
         tma::tile_map(&layout, tma::Elem::Half(plan.dtype()), box_rows)
     }
 
     /// The TMA map of the backward's f32 dQ accumulator, (token, head_q, hdim), for reductions of 16-row boxes.
     fn dq_accum_map(&self, plan: &Plan, acc: &CudaSlice<f32>, tokens: usize, hdim: usize) -> Result<tma::TmaMap> {
-        let (rows, batch) = if plan.varlen { (tokens, 1) } else { (plan_max(&plan.len_q), plan.batch) };
         let row = (plan.heads_q * hdim) as i64;
-        let layout = tma::Layout {
-            ptr: acc.device_ptr(&self.stream).0,
-            head_dim: hdim,
-            rows: rows.max(1),
-            heads: plan.heads_q,
-            batch,
-            strides: (row * rows as i64, row, hdim as i64),
-        };
+        let strides = (row * plan_max(&plan.len_q) as i64, row, hdim as i64);
+        let layout = map_layout(plan, Side::Query, acc.device_ptr(&self.stream).0, tokens, hdim, strides);
         tma::tile_map(&layout, tma::Elem::F32, 16)
     }
 
@@ -612,6 +592,25 @@ impl Gpu {
         (p.v_batch, p.v_row, p.v_head) = strides3(&v.strides);
         p
     }
+}
+
+/// Where the rows of a (batch, rows, heads, head_dim) tensor on `side` lie, as a TMA map sees them: per batch for
+/// dense batches, all `varlen_tokens` as one batch for variable-length ones.
+fn map_layout(
+    plan: &Plan,
+    side: Side,
+    ptr: u64,
+    varlen_tokens: usize,
+    head_dim: usize,
+    strides: (i64, i64, i64),
+) -> tma::Layout {
+    let (heads, lens) = match side {
+        Side::Query => (plan.heads_q, &plan.len_q),
+        Side::Key => (plan.heads_kv, &plan.len_k),
+    };
+    let (rows, batch) = if plan.varlen { (varlen_tokens, 1) } else { (plan_max(lens), plan.batch) };
+    // A map cannot have an empty dimension; with no rows no copy is issued.
+    tma::Layout { ptr, head_dim, rows: rows.max(1), heads, batch, strides }
 }
 
 /// Which side of attention a tensor is on: its heads and sequence lengths are the queries' or the keys'.

@@ -2,6 +2,29 @@
 // flash_bwd_preprocess: D = rowsum(dO * O) per (batch, head, query).
 // flash_bwd_dq_convert: the f32 dQ accumulator, (token, head_q, HDIM), to the output dtype.
 
+// Query row i's statistics for a step of head h: lse in log2 units (+inf for a row past the sequence or that saw
+// no key: it passes no gradient) and D.
+DEVICE float2 step_stats(const AttnParams &p, int b, int h, const Seq &seq, int i) {
+    const long long at = b * p.lse_batch + h * p.lse_head + seq.start_q + i;
+    const bool in = i < seq.len_q;
+    const float l = in ? p.lse[at] : NEG_INF;
+    return make_float2(l == NEG_INF ? POS_INF : l * LOG2E, in ? p.delta[at] : 0.f);
+}
+
+// The probability of (query i, key j) from the raw product q.k and the row's lse (log2 units), 0 where the mask
+// hides the key (`need_mask`: some key of the block may be hidden); `dscore` gets d score / d (q.k).
+DEVICE float probability(const AttnParams &p, const Mask &mask, bool need_mask, float slope, int i, int j, float raw,
+                         float lse, float &dscore) {
+    float pr;
+    dscore = p.scale;
+    if (HAS_MOD) {
+        pr = fast_exp2(score_mod(p, slope, i + mask.shift - j, raw, &dscore) * LOG2E - lse);
+    } else {
+        pr = fast_exp2(raw * p.scale_log2 - lse);
+    }
+    return need_mask && !mask.visible(i, j) ? 0.f : pr;
+}
+
 // The query blocks (of block_m rows) that see some key of [n0, n0 + block_n): [lo, hi).
 DEVICE int2 query_blocks(const Mask &mask, const Seq &seq, int n0, int block_n, int block_m) {
     int lo = 0, hi = (seq.len_q + block_m - 1) / block_m;

@@ -103,11 +103,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
         load_tile<BLOCK_M, NTHREADS>(sQ(buf), q, p.q_row, seq.len_q - m0, p.head_dim);
         load_tile<BLOCK_M, NTHREADS>(sdO(buf), dout, p.do_row, seq.len_q - m0, p.head_dim);
         for (int t = threadIdx.x; t < BLOCK_M; t += NTHREADS) {
-            const int i = m0 + t;
-            const long long at = b * p.lse_batch + h * p.lse_head + seq.start_q + i;
-            float l = i < seq.len_q ? p.lse[at] : POS_INF;
-            sLse[t] = l == NEG_INF ? POS_INF : l * LOG2E;  // a row that saw no key passes no gradient
-            sDelta[t] = i < seq.len_q ? p.delta[at] : 0.f;
+            const float2 stats = step_stats(p, b, h, seq, m0 + t);
+            sLse[t] = stats.x;
+            sDelta[t] = stats.y;
         }
     };
     if (steps > 0) load_step(0);
@@ -165,14 +163,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
                 for (int e = 0; e < 4; ++e) {
                     const int j = n0 + kg * 16 + lane / 4 + 8 * (e / 2), i = m0 + c + (e % 2);
                     const float lse = e % 2 ? lse2.y : lse2.x, delta = e % 2 ? delta2.y : delta2.x;
-                    float s = acc_s[t][e], dscore = p.scale, pr;
-                    if (HAS_MOD) {
-                        s = score_mod(p, slope, i + mask.shift - j, s, &dscore);
-                        pr = fast_exp2(s * LOG2E - lse);
-                    } else {
-                        pr = fast_exp2(s * p.scale_log2 - lse);
-                    }
-                    if (need_mask && !mask.visible(i, j)) pr = 0.f;
+                    float dscore;
+                    const float pr = probability(p, mask, need_mask, slope, i, j, acc_s[t][e], lse, dscore);
                     acc_s[t][e] = pr;
                     acc_dp[t][e] = pr * (acc_dp[t][e] - delta) * dscore;
                 }
