@@ -9,13 +9,16 @@
 //   operands in shared memory, the online softmax in registers, and O += P V as a wgmma with P from registers.
 // setmaxnreg moves registers from the producer to the consumers. Inside a consumer, the softmax of key block j
 // runs while the tensor cores do P V of block j-1: step j issues Q K(j)^T, then P(j-1) V(j-1), waits only for the
-// first, and does the softmax before waiting for the second.
+// first, and does the softmax before waiting for the second. Each consumer warp writes its 16 rows of O through
+// its own staging box in shared memory and a TMA store where there is room for the boxes (STAGE_O), else
+// straight from its registers.
 //
 // Shared tiles use the 128-byte swizzle of both TMA and wgmma: a tile of R rows is HDIM / 64 slabs of R rows x 64
 // columns (128 bytes per row), each slab 1024-byte aligned.
 //
 // Defines: HDIM (64, 128, 192 or 256: the head dim rounded up; TMA zero-fills the columns past it), CONSUMERS,
-// BLOCK_N, STAGES, IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_N) and WGMMA_RS (N = HDIM), generated.
+// BLOCK_N, STAGES, STAGE_O (O leaves through shared memory), IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_N) and
+// WGMMA_RS (N = HDIM), generated.
 
 #define BLOCK_M (64 * CONSUMERS)
 #define NTHREADS (128 * (CONSUMERS + 1))
@@ -23,6 +26,7 @@
 #define KV_BYTES (BLOCK_N * HDIM * 2)
 #define S_REGS (BLOCK_N / 2)                     // f32 accumulators of S per thread
 #define O_REGS (HDIM / 2)                        // ... of O
+#define O_WARP_BYTES (16 * HDIM * 2)             // a warp's O staging (16 rows)
 #define RELEASES (CONSUMERS * 4)                 // one arrival per consumer warp frees a stage
 // Registers per thread after reallocation: producer and consumers share the 64K of the SM.
 #define PRODUCER_REGS (CONSUMERS == 2 ? 40 : 32)
@@ -60,14 +64,16 @@ DEVICE Work work(const AttnParams &p, int t, int num_m, int group_heads) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Shared memory: Q, the K ring, the V ring (1024-byte aligned), then the mbarriers and the current tile's index.
+// Shared memory: Q, the K ring, the V ring, the O staging boxes (1024-byte aligned), then the mbarriers and the
+// current tile's index.
 struct Smem {
-    u32 q, k, v, bars, tile;
+    u32 q, k, v, o, bars, tile;
     DEVICE Smem(const void *raw) {
         q = (smem_addr(raw) + 1023) & ~1023u;
         k = q + Q_BYTES;
         v = k + STAGES * KV_BYTES;
-        bars = v + STAGES * KV_BYTES;
+        o = v + STAGES * KV_BYTES;
+        bars = o + (STAGE_O ? O_WARP_BYTES * 4 * CONSUMERS : 0);
         tile = bars + 16 + 32 * STAGES;
     }
     DEVICE u32 q_full() const { return bars; }
@@ -110,8 +116,56 @@ DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, con
     }
 }
 
+// O / l of a warp's 16 rows from `warp_row` on (those inside the sequence), straight from the registers.
+DEVICE void store_o_direct(const AttnParams &p, const float (&o)[O_REGS], const float (&inv)[2], const Work &w,
+                           int warp_row) {
+    const int lane = threadIdx.x % 32;
+    const long long o_base = w.b * p.o_batch + w.h * p.o_head;  // batch strides are 0 when varlen
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+        const int row = warp_row + lane / 4 + 8 * hf;
+        if (row < w.seq.len_q) {
+            u16 *out = p.out + o_base + (long long)(w.seq.start_q + row) * p.o_row;
+#pragma unroll
+            for (int i = 2 * hf; i < O_REGS; i += 4) {
+                const int col = 8 * (i / 4) + 2 * (lane % 4);
+                if (col < p.head_dim) *(u32 *)(out + col) = pack2(o[i] * inv[hf], o[i + 1] * inv[hf]);
+            }
+        }
+    }
+}
+
+#if STAGE_O
+// The same for 16 rows that all lie inside the sequence, through the warp's staging boxes in shared memory
+// (HDIM / 64 boxes of 16 rows x 64 columns, 128-byte swizzle) and TMA stores, which write whole lines (direct
+// stores of a fragment touch 8 lines per instruction). The boxes are free again once the last stores have read
+// them: only the warp itself waits for that.
+DEVICE void store_o_staged(const float (&o)[O_REGS], const float (&inv)[2], const TmaMap &tout, u32 staging,
+                           const Work &w, int warp_row, bool varlen) {
+    const int lane = threadIdx.x % 32;
+    if (lane == 0) bulk_wait_read();
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < O_REGS; i += 2) {
+        const int hf = (i / 2) % 2, row = lane / 4 + 8 * hf, col = 8 * (i / 4) + 2 * (lane % 4);
+        const int chunk = (col % 64) / 8;
+        st_shared(staging + (col / 64) * 2048 + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * 2,
+                  pack2(o[i] * inv[hf], o[i + 1] * inv[hf]));
+    }
+    fence_proxy_async();
+    __syncwarp();
+    if (lane == 0) {
+#pragma unroll
+        for (int box = 0; box < HDIM / 64; ++box) {
+            tma_store(tout, staging + box * 2048, 64 * box, w.seq.start_q + warp_row, w.h, varlen ? 0 : w.b);
+        }
+        bulk_commit();
+    }
+}
+#endif
+
 // A consumer warpgroup: c owns rows [64c, 64c + 64) of each tile; a thread holds rows r and r + 8.
-DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_heads) {
+DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int num_m, int group_heads) {
     const int c = threadIdx.x / 128 - 1;
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     // Without a score transform, scores stay raw products and the exponential applies the scale.
@@ -125,7 +179,12 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
     for (int round = 0;; ++round) {
         mbar_wait(sm.q_full(), round & 1);
         const int t = ld_shared(sm.tile);
-        if (t < 0) return;
+        if (t < 0) {
+#if STAGE_O
+            if (lane == 0) bulk_wait_all();  // the last O stores are done before the CTA's shared memory goes
+#endif
+            return;
+        }
         const Work w = work(p, t, num_m, group_heads);
         const Mask mask = make_mask(p, w.seq);
         const float slope = (HAS_MOD && p.alibi) ? p.alibi[w.b * p.alibi_batch_stride + w.h] : 0.f;
@@ -195,6 +254,12 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
 #pragma unroll
             for (int i = 0; i < S_REGS / 2; ++i) pk[i] = pack2(s[2 * i], s[2 * i + 1]);
         };
+        // Always, though most blocks move no maximum once they settle: skipping the multiplications when no row
+        // of a warp moved (a vote and a branch) was 3-4% slower.
+        auto rescale = [&](const float(&corr)[2]) {
+#pragma unroll
+            for (int i = 0; i < O_REGS; ++i) o[i] *= corr[(i / 2) % 2];
+        };
         auto release = [&](u32 bar) {
             if (lane == 0) mbar_arrive(bar);
         };
@@ -222,7 +287,7 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
                 stage = kv % STAGES;
                 mbar_wait(sm.k_full(stage), (kv / STAGES) & 1);
                 mbar_wait(sm.v_full(prev), prev_parity);
-                    issue_qk(stage);
+                issue_qk(stage);
                 issue_pv(prev);
                     wgmma_wait<1>();  // S is in; P V may still run
                 reg_fence(s);
@@ -232,11 +297,7 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
                 reg_fence(o);
                 reg_fence(pk);
                 release(sm.v_empty(prev));
-                // Once the maxima settle, most blocks move no row of a warp: skip the rescale then.
-                if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-#pragma unroll
-                    for (int i = 0; i < O_REGS; ++i) o[i] *= corr[(i / 2) % 2];
-                }
+                rescale(corr);
                 pack_p();
             }
             mbar_wait(sm.v_full(stage), (kv / STAGES) & 1);
@@ -249,25 +310,30 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
             release(sm.q_empty());
         }
 
-        // Epilogue: O / l and the log-sum-exp; a row that saw no key gets O = 0 and lse = -inf.
-        const long long o_base = w.b * p.o_batch + w.h * p.o_head;  // batch strides are 0 when varlen
+        // Epilogue: O / l, then the log-sum-exp (after O, so that the staging's proxy fence has no global store
+        // to wait for); a row that saw no key gets O = 0 and lse = -inf.
+        float sum[2], inv[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            sum[hf] = quad_sum(row_sum[hf]);
+            inv[hf] = sum[hf] > 0.f ? 1.f / sum[hf] : 0.f;
+        }
+        const int warp_row = row_lo + 16 * warp;
+#if STAGE_O
+        if (warp_row + 16 <= w.seq.len_q) {
+            store_o_staged(o, inv, tout, sm.o + (4 * c + warp) * O_WARP_BYTES, w, warp_row, p.cu_seqlens_q != 0);
+        } else
+#endif
+        {
+            store_o_direct(p, o, inv, w, warp_row);
+        }
         float *lse = p.lse + w.b * p.lse_batch + w.h * p.lse_head + w.seq.start_q;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-            const float sum = quad_sum(row_sum[hf]);
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
             const int row = r0 + 8 * hf;
-            if (row < w.seq.len_q) {
-                u16 *out = p.out + o_base + (long long)(w.seq.start_q + row) * p.o_row;
-#pragma unroll
-                for (int i = 2 * hf; i < O_REGS; i += 4) {
-                    const int col = 8 * (i / 4) + 2 * (lane % 4);
-                    if (col < p.head_dim) *(u32 *)(out + col) = pack2(o[i] * inv, o[i + 1] * inv);
-                }
-                if (lane % 4 == 0) {
-                    const float mx = row_max[hf];
-                    lse[row] = sum > 0.f ? (HAS_MOD ? mx : mx * p.scale) + logf(sum) : NEG_INF;
-                }
+            if (row < w.seq.len_q && lane % 4 == 0) {
+                const float mx = row_max[hf];
+                lse[row] = sum[hf] > 0.f ? (HAS_MOD ? mx : mx * p.scale) + logf(sum[hf]) : NEG_INF;
             }
         }
     }
@@ -276,8 +342,8 @@ DEVICE void consume(const AttnParams &p, const Smem &sm, int num_m, int group_he
 // ---------------------------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
     flash_fwd_sm90(const __grid_constant__ AttnParams p, const __grid_constant__ TmaMap tq,
-                   const __grid_constant__ TmaMap tk, const __grid_constant__ TmaMap tv, int *next_tile,
-                   int group_heads) {
+                   const __grid_constant__ TmaMap tk, const __grid_constant__ TmaMap tv,
+                   const __grid_constant__ TmaMap tout, int *next_tile, int group_heads) {
     extern __shared__ unsigned char smem_raw[];
     const Smem sm(smem_raw);
     if (threadIdx.x == 0) {
@@ -300,6 +366,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
         if (threadIdx.x == 0) produce(p, tq, tk, tv, sm, next_tile, num_m, tiles, group_heads);
     } else {
         setmaxnreg_inc<CONSUMER_REGS>();
-        consume(p, sm, num_m, group_heads);
+        consume(p, tout, sm, num_m, group_heads);
     }
 }

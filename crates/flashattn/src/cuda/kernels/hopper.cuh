@@ -27,6 +27,13 @@ DEVICE void tma_load(u32 dst, const TmaMap &map, int col, int row, int head, int
                  ::"r"(dst), "l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar) : "memory");
 }
 
+// Stores a box (64 columns, rows) from shared memory to (col, row, head, batch) of a 4-D tensor map, in the bulk
+// group of the issuing thread; the parts past the tensor's edges are dropped.
+DEVICE void tma_store(const TmaMap &map, u32 src, int col, int row, int head, int batch) {
+    asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n"
+                 ::"l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(src) : "memory");
+}
+
 // Tiles of 16-bit elements in shared memory are HDIM / 64 slabs of `rows` rows x 64 columns (128 bytes per row,
 // 128-byte swizzle), each 1024-byte aligned.
 #define SLAB(rows) ((rows) * 128)  // bytes of one slab
