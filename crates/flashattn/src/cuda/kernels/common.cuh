@@ -199,8 +199,8 @@ struct Mask {
         const int diag = i + shift;
         return make_int2(left < 0 ? 0 : diag - left, right < 0 ? len_k : min(len_k, diag + right + 1));
     }
-    // Without short-circuit tests, which compile to a branch per element: in the Hopper forward a masked 128-key
-    // block took 6000 cycles instead of 1300 that way.
+    // Without short-circuit tests, which compile to a branch per element: the Hopper forward's softmax of a
+    // masked 128 x 128 block took 6250 cycles that way, 1870 this way.
     DEVICE bool visible(int i, int j) const {
         const int2 k = keys(i);
         return (j >= k.x) & (j < k.y);
