@@ -313,7 +313,7 @@ mod gpu {
     pub fn device(ordinal: usize, dtype: DType, shape: Shape, needs_forward_output: bool) -> Result<Box<dyn Subject>> {
         let gpu = Gpu::open(ordinal)?;
         let (qs, kvs) = (shape.q_shape(), shape.kv_shape());
-        gpu.prepare(dtype, shape.head_dim, &shape.options(), needs_forward_output)?;
+        gpu.prepare(dtype, shape.head_dim, shape.seqlen, &shape.options(), needs_forward_output)?;
         let mut d = Device {
             q: random(&gpu, dtype, &qs, 7)?,
             k: random(&gpu, dtype, &kvs, 8)?,

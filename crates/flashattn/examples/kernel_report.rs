@@ -27,7 +27,10 @@ fn report() {
         masked: args[3] == "1",
         has_mod: args[4] == "1",
         sm90: args[5] != "sm_80",
-    };
+        long: false,
+    }
+    // LONG=1: the variant for long problems (where it differs).
+    .for_queries(if std::env::var("LONG").is_ok() { flashattn::cuda::kernels::LONG_QUERIES } else { 0 });
     let t = std::time::Instant::now();
     let mut defs = v.defines();
     if let Ok(bn) = std::env::var("FWD_BN") {

@@ -68,6 +68,23 @@ fn gpu_larger_shapes() {
     varlen.window = (Some(300), None);
     varlen.dtype = DType::BF16;
     check_case(&varlen, backend, true).unwrap();
+    // At least 2048 query rows: the long variants (on Hopper, d = 64 under a mask takes 192-row tiles), with a
+    // partial last tile, a window with a score modifier, and a variable-length batch.
+    let mut long = Case::dense(1, 2100, 2300, 2, 1, 64);
+    long.causal = true;
+    long.dtype = DType::BF16;
+    check_case(&long, backend, true).unwrap();
+    long.causal = false;
+    long.window = (Some(700), Some(40));
+    long.softcap = Some(15.0);
+    check_case(&long, backend, true).unwrap();
+    let mut long_varlen = Case::dense(1, 1, 1, 2, 2, 64);
+    long_varlen.varlen = true;
+    long_varlen.len_q = vec![2100, 5, 700];
+    long_varlen.len_k = vec![2300, 40, 0];
+    long_varlen.causal = true;
+    long_varlen.dtype = DType::F16;
+    check_case(&long_varlen, backend, true).unwrap();
     let mut modded = Case::dense(2, 777, 777, 8, 8, 128);
     modded.softcap = Some(20.0);
     modded.alibi = true;

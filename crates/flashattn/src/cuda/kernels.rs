@@ -45,7 +45,13 @@ pub struct Variant {
     pub has_mod: bool,
     /// Compiled for sm_90 or newer (the backward stages dQ in shared memory for bulk reductions).
     pub sm90: bool,
+    /// At least `LONG_QUERIES` query rows, where larger tiles pay off; set only where it changes the tiles (see
+    /// `Variant::for_queries`).
+    pub long: bool,
 }
+
+/// Query rows from which a problem counts as long (`Variant::long`).
+pub const LONG_QUERIES: usize = 2048;
 
 /// Forward tiles: query rows per CTA, key rows per shared-memory block, keys per softmax sub-block, warps, and
 /// the unrolling of the Q K^T loop (0: full).
@@ -90,6 +96,7 @@ pub fn padded_head_dim(d: usize) -> Result<usize> {
 
 /// Hopper forward tiles: consumer warpgroups (64 query rows each), key rows per block and the depth of the K/V
 /// shared-memory ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HopperTiles {
     pub consumers: usize,
     pub block_n: usize,
@@ -195,13 +202,28 @@ impl Variant {
         // Shared memory: Q (128 rows) plus `stages` K and V blocks within the 227 KB a block may have.
         let t = |block_n, stages| HopperTiles { consumers: 2, block_n, stages };
         match self.hdim {
-            // Three consumers (192 query rows) at d = 64 without a mask: 8-13% faster on the H200 at N >= 4096;
-            // under a causal mask the larger tile wastes more of the diagonal (slower up to N = 4096).
-            64 if !self.masked => HopperTiles { consumers: 3, ..t(128, 4) },
+            // Three consumers (192 query rows) at d = 64: without a mask 8-13% faster on the H200 at N >= 4096;
+            // under a causal mask 2-12% faster from N = 2048 on, but 12% slower at 1024 (the larger tile wastes
+            // more of the diagonal).
+            64 if !self.masked || self.long => HopperTiles { consumers: 3, ..t(128, 4) },
             64 => t(128, 4),
             128 => t(128, 2),
             192 => t(96, 2),
             _ => t(80, 2),
+        }
+    }
+
+    /// This variant for a problem of `len_q` query rows (the longest sequence's): marked long where that
+    /// changes the tiles, so that variants differing only in the mark are never compiled twice.
+    pub fn for_queries(self, len_q: usize) -> Variant {
+        let long = Variant { long: len_q >= LONG_QUERIES, ..self };
+        let same = self.family != Family::Hopper
+            || self.pass != Pass::Forward
+            || long.hopper_tiles() == Variant { long: false, ..self }.hopper_tiles();
+        if same {
+            Variant { long: false, ..self }
+        } else {
+            long
         }
     }
 
@@ -309,6 +331,9 @@ impl Variant {
         if self.has_mod {
             name.push_str("-mod");
         }
+        if self.long {
+            name.push_str("-long");
+        }
         name
     }
 
@@ -399,7 +424,7 @@ impl Variant {
     }
 
     /// Every variant for an architecture ("sm_80", "sm_90", ...): both passes, both 16-bit types, every padded
-    /// head dimension, every switch; on sm_90 also the Hopper family's.
+    /// head dimension, every switch, short and long where that differs; on sm_90 also the Hopper family's.
     pub fn all(arch: &str) -> Vec<Variant> {
         let number = arch.trim_start_matches("sm_").trim_end_matches('a').parse::<u32>().unwrap_or(0);
         let sm90 = number >= 90;
@@ -407,7 +432,12 @@ impl Variant {
         let mut each_switch = |family, pass, dtype, hdim| {
             for masked in [false, true] {
                 for has_mod in [false, true] {
-                    v.push(Variant { family, pass, dtype, hdim, masked, has_mod, sm90 });
+                    let short = Variant { family, pass, dtype, hdim, masked, has_mod, sm90, long: false };
+                    v.push(short);
+                    let long = short.for_queries(LONG_QUERIES);
+                    if long != short {
+                        v.push(long);
+                    }
                 }
             }
         };

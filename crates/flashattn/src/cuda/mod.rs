@@ -301,25 +301,33 @@ impl Gpu {
     }
 
     /// Compiles (or loads from the cache) the kernels a problem will use, so that timing excludes it.
-    pub fn prepare(&self, dtype: DType, head_dim: usize, opts: &AttnOptions, backward: bool) -> Result<()> {
-        self.load(self.variant(Pass::Forward, dtype, head_dim, opts)?)?;
+    /// `len_q`: the longest sequence's query rows.
+    pub fn prepare(
+        &self,
+        dtype: DType,
+        head_dim: usize,
+        len_q: usize,
+        opts: &AttnOptions,
+        backward: bool,
+    ) -> Result<()> {
+        self.load(self.variant(Pass::Forward, dtype, head_dim, len_q, opts)?)?;
         if backward {
-            self.load(self.variant(Pass::Backward, dtype, head_dim, opts)?)?;
+            self.load(self.variant(Pass::Backward, dtype, head_dim, len_q, opts)?)?;
         }
         Ok(())
     }
 
     /// The kernel variant for a problem: the Hopper family on sm_90 where it takes the head dim, unless
     /// `FLASHATTN_GPU_KERNELS=portable`; else the portable one.
-    fn variant(&self, pass: Pass, dtype: DType, head_dim: usize, opts: &AttnOptions) -> Result<Variant> {
+    fn variant(&self, pass: Pass, dtype: DType, head_dim: usize, len_q: usize, opts: &AttnOptions) -> Result<Variant> {
         let hdim = kernels::padded_head_dim(head_dim)?;
         let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
         let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
         let sm90 = self.arch.0 >= 9;
-        let portable = Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90 };
+        let portable = Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90, long: false };
         match kernels::hopper_head_dim(head_dim, pass) {
             Some(hdim) if self.arch == (9, 0) && !portable_forced() => {
-                Ok(Variant { family: Family::Hopper, hdim, ..portable })
+                Ok(Variant { family: Family::Hopper, hdim, ..portable }.for_queries(len_q))
             }
             _ => Ok(portable),
         }
@@ -520,7 +528,7 @@ impl Gpu {
             }
         }
         let plan = Plan::new(q, k, v, opts, q.dtype)?;
-        let variant = self.variant(pass, plan.dtype(), plan.head_dim, opts)?;
+        let variant = self.variant(pass, plan.dtype(), plan.head_dim, plan_max(&plan.len_q), opts)?;
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
             check_aligned(name, t)?;
         }

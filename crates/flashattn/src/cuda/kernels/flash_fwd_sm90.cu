@@ -220,12 +220,13 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
         auto softmax = [&](int n, float(&corr)[2]) {
             const int n0 = n * BLOCK_N;
             if (HAS_MOD || !mask.full(row_lo, row_lo + 64, n0, n0 + BLOCK_N)) {
+                const int2 seen[2] = {mask.keys(r0), mask.keys(r0 + 8)};  // by this thread's two rows
 #pragma unroll
                 for (int i = 0; i < S_REGS; ++i) {
-                    const int row = r0 + 8 * ((i / 2) % 2), col = n0 + 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+                    const int hf = (i / 2) % 2, row = r0 + 8 * hf, col = n0 + 8 * (i / 4) + 2 * (lane % 4) + i % 2;
                     float x = s[i];
                     if (HAS_MOD) x = score_mod(p, slope, row + mask.shift - col, x, 0);
-                    if (!mask.visible(row, col)) x = NEG_INF;
+                    if ((col < seen[hf].x) | (col >= seen[hf].y)) x = NEG_INF;
                     s[i] = x;
                 }
             }
