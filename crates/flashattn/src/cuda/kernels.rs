@@ -216,14 +216,13 @@ impl Variant {
     /// This variant for a problem of `len_q` query rows (the longest sequence's): marked long where that
     /// changes the tiles, so that variants differing only in the mark are never compiled twice.
     pub fn for_queries(self, len_q: usize) -> Variant {
-        let long = Variant { long: len_q >= LONG_QUERIES, ..self };
-        let same = self.family != Family::Hopper
-            || self.pass != Pass::Forward
-            || long.hopper_tiles() == Variant { long: false, ..self }.hopper_tiles();
-        if same {
-            Variant { long: false, ..self }
-        } else {
+        let (short, long) = (Variant { long: false, ..self }, Variant { long: true, ..self });
+        let differ =
+            self.family == Family::Hopper && self.pass == Pass::Forward && long.hopper_tiles() != short.hopper_tiles();
+        if differ && len_q >= LONG_QUERIES {
             long
+        } else {
+            short
         }
     }
 
