@@ -290,7 +290,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
                 mbar_wait(sm.v_full(prev), prev_parity);
                 issue_qk(stage);
                 issue_pv(prev);
-                    wgmma_wait<1>();  // S is in; P V may still run
+                wgmma_wait<1>();  // S is in; P V may still run
                 reg_fence(s);
                 scores_done(n, stage);
                 softmax(n, corr);
