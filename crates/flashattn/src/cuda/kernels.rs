@@ -118,7 +118,7 @@ pub fn hopper_head_dim(d: usize, pass: Pass) -> Option<usize> {
 /// consumer beside dK and dV), else 64. Its key blocks are 128 rows, its Q / dO ring 2 deep.
 fn hopper_bwd_block_m(hdim: usize) -> usize {
     // The kernel takes 64 or 128 (other overrides are ignored).
-    if let Some(&[block_m @ (64 | 128)]) = tile_override(3) {
+    if let Some(&[block_m @ (64 | 128)]) = tile_override(Tuned::HopperBackward) {
         return block_m;
     }
     if hdim <= 64 {
@@ -135,7 +135,7 @@ const HOPPER_BWD_STAGES: usize = 2;
 /// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d`, `FLASHATTN_SM90_TILES=consumers,block_n,stages` and
 /// `FLASHATTN_SM90_BWD_TILES=block_m`.
 /// Read once per process: a loaded kernel must be launched with the geometry it was compiled for.
-fn tile_override(var: usize) -> Option<&'static [usize]> {
+fn tile_override(family: Tuned) -> Option<&'static [usize]> {
     const VARS: [&str; 4] =
         ["FLASHATTN_FWD_TILES", "FLASHATTN_BWD_TILES", "FLASHATTN_SM90_TILES", "FLASHATTN_SM90_BWD_TILES"];
     static OVERRIDES: std::sync::OnceLock<Vec<Option<Vec<usize>>>> = std::sync::OnceLock::new();
@@ -143,7 +143,16 @@ fn tile_override(var: usize) -> Option<&'static [usize]> {
         let v: Vec<usize> = std::env::var(var).ok()?.split(',').filter_map(|x| x.trim().parse().ok()).collect();
         (!v.is_empty()).then_some(v)
     };
-    OVERRIDES.get_or_init(|| VARS.iter().map(|v| read(v)).collect())[var].as_deref()
+    OVERRIDES.get_or_init(|| VARS.iter().map(|v| read(v)).collect())[family as usize].as_deref()
+}
+
+/// The kernels a tile override applies to (in the order of `tile_override`'s variables).
+#[derive(Clone, Copy)]
+enum Tuned {
+    PortableForward,
+    PortableBackward,
+    HopperForward,
+    HopperBackward,
 }
 
 /// Extra NVRTC defines for kernel experiments, from `FLASHATTN_KERNEL_DEFINES` (space-separated `NAME` or
@@ -164,7 +173,7 @@ pub fn elem_define(dtype: DType) -> String {
 
 impl Variant {
     pub fn fwd_tiles(&self) -> FwdTiles {
-        if let Some(&[block_m, block_n, sub_n, warps, s_unroll]) = tile_override(0) {
+        if let Some(&[block_m, block_n, sub_n, warps, s_unroll]) = tile_override(Tuned::PortableForward) {
             return FwdTiles { block_m, block_n, sub_n, warps, s_unroll };
         }
         let t = |block_m, block_n, sub_n, s_unroll| FwdTiles { block_m, block_n, sub_n, warps: 4, s_unroll };
@@ -181,7 +190,7 @@ impl Variant {
     }
 
     pub fn bwd_tiles(&self) -> BwdTiles {
-        if let Some(&[block_m, sub_m, warps, warps_d]) = tile_override(1) {
+        if let Some(&[block_m, sub_m, warps, warps_d]) = tile_override(Tuned::PortableBackward) {
             return BwdTiles { block_m, sub_m, warps, warps_d };
         }
         match self.hdim {
@@ -196,7 +205,7 @@ impl Variant {
     }
 
     pub fn hopper_tiles(&self) -> HopperTiles {
-        if let Some(&[consumers, block_n, stages]) = tile_override(2) {
+        if let Some(&[consumers, block_n, stages]) = tile_override(Tuned::HopperForward) {
             return HopperTiles { consumers, block_n, stages };
         }
         // Shared memory: Q (128 rows) plus `stages` K and V blocks within the 227 KB a block may have.
@@ -390,6 +399,7 @@ impl Variant {
             }
             (Family::Hopper, Pass::Backward) => {
                 d.extend([
+                    format!("-DBLOCK_N={HOPPER_BWD_BLOCK_N}"),
                     format!("-DBLOCK_M={}", self.block_m()),
                     format!("-DDQ_N={}", self.hopper_dq_cols()),
                     format!("-DSTAGES={HOPPER_BWD_STAGES}"),

@@ -367,7 +367,7 @@ impl Gpu {
         };
         let mut launch = self.stream.launch_builder(&loaded.main);
         launch.arg(&p);
-        let (maps, out_map, mut counter, group_heads);
+        let (maps, mut counter, group_heads);
         if variant.family == Family::Hopper {
             // Persistent: one CTA per SM takes tiles from the counter.
             let tiles = m_blocks * plan.heads_q * plan.batch;
@@ -377,16 +377,16 @@ impl Gpu {
                 self.tensor_map(&plan, q, Side::Query, m)?,
                 self.tensor_map(&plan, k, Side::Key, n)?,
                 self.tensor_map(&plan, v, Side::Key, n)?,
+                // O is stored in 16-row boxes, one per consumer warp.
+                self.tensor_map(&plan, out, Side::Query, 16)?,
             ];
-            // O is stored in 16-row boxes, one per consumer warp.
-            out_map = self.tensor_map(&plan, out, Side::Query, 16)?;
             counter = self.tile_counter.lock().unwrap();
             self.stream.memset_zeros(&mut *counter).map_err(driver_err("clearing the tile counter"))?;
             // Heads whose K and V (12 MB: a quarter of an H200's L2 cache) are read by the CTAs at once.
             let kv_head_bytes = 4 * plan_max(&plan.len_k).max(1) * plan.head_dim;
             let group = plan.heads_q / plan.heads_kv;
             group_heads = (((12 << 20) / kv_head_bytes).clamp(1, plan.heads_kv * plan.batch) * group) as i32;
-            launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&out_map).arg(&mut *counter).arg(&group_heads);
+            launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]).arg(&mut *counter).arg(&group_heads);
         }
         // SAFETY: the parameters match the kernel's; every pointer is a live buffer sized by the plan.
         unsafe { launch.launch(cfg) }.map_err(driver_err("launching the forward kernel"))?;

@@ -21,11 +21,10 @@
 // read transposed too. The dQ staging is, per warp, DQ_N / 32 boxes of 16 rows x 32 f32 columns (2048 bytes, the
 // same swizzle), as the f32 map of the accumulator reads them.
 //
-// Defines: HDIM (64 or 128: the head dim rounded up), BLOCK_M (queries per step: 64 or 128), DQ_N, STAGES,
-// IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_M), WGMMA_RS (N = HDIM) and WGMMA_TT (N = DQ_N, both operands
-// transposed).
+// Defines: HDIM (64 or 128: the head dim rounded up), BLOCK_N (keys per CTA: 128), BLOCK_M (queries per step: 64
+// or 128), DQ_N, STAGES, IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_M), WGMMA_RS (N = HDIM) and WGMMA_TT (N = DQ_N,
+// both operands transposed).
 
-#define BLOCK_N 128
 #define NTHREADS 384
 #define KV_BYTES (BLOCK_N * HDIM * 2)
 #define QT_BYTES (BLOCK_M * HDIM * 2)            // a Q or dO tile
@@ -42,6 +41,7 @@
 #define PRODUCER_REGS 24
 #define CONSUMER_REGS 240
 static_assert((BLOCK_M == 64 || BLOCK_M == 128) && DQ_SPLIT_M == (BLOCK_M == 128), "unsupported step size");
+static_assert(BLOCK_N == 128, "two consumers of 64 keys each");
 
 // ---------------------------------------------------------------------------------------------------------------
 // The CTA's keys and the steps that see them: query blocks [m_lo, m_lo + num_m) of each query head of the group.
@@ -123,7 +123,7 @@ struct Smem {
 // The TMA thread: K and V once, then each step's Q and dO.
 DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, const TmaMap &tv, const TmaMap &tdo,
                     const Smem &sm, const KeyBlock &kb) {
-    const int bq = p.cu_seqlens_q ? 0 : kb.b;  // a varlen map has one batch: sequences are rows
+    const int bq = map_batch(p, kb.b);
     mbar_expect_tx(sm.kv_full(), 2 * KV_BYTES);
     tma_tile(sm.k, BLOCK_N, tk, kb.seq.start_k + kb.n0, kb.hk, bq, sm.kv_full());
     tma_tile(sm.v, BLOCK_N, tv, kb.seq.start_k + kb.n0, kb.hk, bq, sm.kv_full());
@@ -137,7 +137,8 @@ DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, con
 }
 
 // The statistics warp: each step's lse (in log2 units; +inf for rows past the sequence or that saw no key, so
-// that they pass no gradient) and D.
+// that they pass no gradient) and D. This is `step_stats` (bwd_common.cuh) written out: called here, it makes
+// the 24-register producer spill 4 bytes (d = 64 with a score modifier).
 DEVICE void load_stats(const AttnParams &p, const Smem &sm, const KeyBlock &kb) {
     const int lane = threadIdx.x % 32;
     for (int st = 0; st < kb.steps; ++st) {
@@ -197,8 +198,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
 #pragma unroll
         for (int i = 0; i < DQ_N / 2; i += 2) {
             const int row = lane / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (lane % 4);
-            const int chunk = (col % 32) / 4;
-            st_shared_f2(staging + (col / 32) * 2048 + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 4) * 4, dq[i], dq[i + 1]);
+            st_shared_f2(SWIZZLED(staging + (col / 32) * SLAB(16), row, (col % 32) / 4) + (col % 4) * 4, dq[i], dq[i + 1]);
         }
         fence_proxy_async();
         __syncwarp();
@@ -207,7 +207,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
             if (p.deterministic) wait_turn(p, kb, st, h);
 #pragma unroll
             for (int box = 0; box < DQ_N / 32; ++box) {
-                tma_reduce_add(tdq, staging + box * 2048, dq_col + 32 * box, row, h, p.cu_seqlens_q ? 0 : kb.b);
+                tma_reduce_add(tdq, staging + box * SLAB(16), dq_col + 32 * box, row, h, map_batch(p, kb.b));
             }
             bulk_commit();
             if (p.deterministic) {
@@ -242,7 +242,9 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
         auto lse_pair = [&](int q8) { return ld_shared_f2(sm.lse(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
         auto delta_pair = [&](int q8) { return ld_shared_f2(sm.delta(stage) + 4 * (8 * q8 + 2 * (lane % 4))); };
 
-        // P^T and d score / d (q.k) of the thread's four elements of 8-query tile q8.
+        // P^T and d score / d (q.k) of the thread's four elements of 8-query tile q8: `probability` (bwd_common.cuh)
+        // written out, since called here it added 56-120 instructions to the masked variants and the backward
+        // measured 1-2% slower.
         const bool need_mask = !kb.mask.full(m0, m0 + BLOCK_M, key_lo, key_lo + 64);
         auto probabilities = [&](int q8, float(&pr)[4], float(&dscore)[4]) {
             const int col = 8 * q8 + 2 * (lane % 4);

@@ -89,7 +89,6 @@ struct Smem {
 DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, const TmaMap &tv, const Smem &sm,
                     int *next_tile, int num_m, int tiles, int group_heads) {
     const int group = p.heads_q / p.heads_kv;
-    const bool varlen = p.cu_seqlens_q != 0;
     int kv = 0;
     for (int round = 0, t = blockIdx.x;; ++round, t = gridDim.x + atomicAdd(next_tile, 1)) {
         Work w;
@@ -100,7 +99,7 @@ DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, con
             mbar_arrive(sm.q_full());
             return;
         }
-        const int bq = varlen ? 0 : w.b, hk = w.h / group;  // a varlen map has one batch: sequences are rows
+        const int bq = map_batch(p, w.b), hk = w.h / group;
         mbar_expect_tx(sm.q_full(), Q_BYTES);
         tma_tile(sm.q, BLOCK_M, tq, w.seq.start_q + w.m0, w.h, bq, sm.q_full());
         for (int n = w.n_hi - 1; n >= w.n_lo; --n, ++kv) {
@@ -140,16 +139,15 @@ DEVICE void store_o_direct(const AttnParams &p, const float (&o)[O_REGS], const 
 // (HDIM / 64 boxes of 16 rows x 64 columns, 128-byte swizzle) and TMA stores, which write whole lines (direct
 // stores of a fragment touch 8 lines per instruction). The boxes are free again once the last stores have read
 // them: only the warp itself waits for that.
-DEVICE void store_o_staged(const float (&o)[O_REGS], const float (&inv)[2], const TmaMap &tout, u32 staging,
-                           const Work &w, int warp_row, bool varlen) {
+DEVICE void store_o_staged(const AttnParams &p, const float (&o)[O_REGS], const float (&inv)[2], const TmaMap &tout,
+                           u32 staging, const Work &w, int warp_row) {
     const int lane = threadIdx.x % 32;
     if (lane == 0) bulk_wait_read();
     __syncwarp();
 #pragma unroll
     for (int i = 0; i < O_REGS; i += 2) {
         const int hf = (i / 2) % 2, row = lane / 4 + 8 * hf, col = 8 * (i / 4) + 2 * (lane % 4);
-        const int chunk = (col % 64) / 8;
-        st_shared(staging + (col / 64) * 2048 + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * 2,
+        st_shared(SWIZZLED(staging + (col / 64) * SLAB(16), row, (col % 64) / 8) + (col % 8) * 2,
                   pack2(o[i] * inv[hf], o[i + 1] * inv[hf]));
     }
     fence_proxy_async();
@@ -157,7 +155,7 @@ DEVICE void store_o_staged(const float (&o)[O_REGS], const float (&inv)[2], cons
     if (lane == 0) {
 #pragma unroll
         for (int box = 0; box < HDIM / 64; ++box) {
-            tma_store(tout, staging + box * 2048, 64 * box, w.seq.start_q + warp_row, w.h, varlen ? 0 : w.b);
+            tma_store(tout, staging + box * SLAB(16), 64 * box, w.seq.start_q + warp_row, w.h, map_batch(p, w.b));
         }
         bulk_commit();
     }
@@ -322,7 +320,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
         const int warp_row = row_lo + 16 * warp;
 #if STAGE_O
         if (warp_row + 16 <= w.seq.len_q) {
-            store_o_staged(o, inv, tout, sm.o + (4 * c + warp) * O_WARP_BYTES, w, warp_row, p.cu_seqlens_q != 0);
+            store_o_staged(p, o, inv, tout, sm.o + (4 * c + warp) * O_WARP_BYTES, w, warp_row);
         } else
 #endif
         {

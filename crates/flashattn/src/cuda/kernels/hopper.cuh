@@ -38,6 +38,16 @@ DEVICE void tma_store(const TmaMap &map, u32 src, int col, int row, int head, in
 // 128-byte swizzle), each 1024-byte aligned.
 #define SLAB(rows) ((rows) * 128)  // bytes of one slab
 
+// The batch coordinate of a tensor map: a variable-length batch's map has one batch (its sequences are rows).
+DEVICE int map_batch(const AttnParams &p, int b) { return p.cu_seqlens_q ? 0 : b; }
+
+// A warp's staging box for TMA stores and reductions: 16 rows of 128 bytes (64 16-bit or 32 f32 columns), SLAB(16)
+// bytes, in the same swizzle: the address of 16-byte chunk `chunk` of row `row` in the box at `box` (row r's
+// chunks permuted by r % 8).
+// A macro rather than a function: as an inlined call it changed the backward's address arithmetic in the SASS;
+// as a macro every variant's SASS is the one measured.
+#define SWIZZLED(box, row, chunk) ((box) + (row) * 128 + (((chunk) ^ ((row) % 8)) * 16))
+
 // A tile of `rows` rows from `row` on: one box per slab.
 DEVICE void tma_tile(u32 dst, int rows, const TmaMap &map, int row, int head, int batch, u32 bar) {
 #pragma unroll
