@@ -103,6 +103,17 @@ pub struct HopperTiles {
     pub stages: usize,
 }
 
+/// How the Hopper forward's consumers write O (the kernel's O_STAGING).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OStaging {
+    /// Straight from the registers.
+    Direct = 0,
+    /// Through per-warp boxes in shared memory beside Q and the K/V ring, and TMA stores.
+    Boxes = 1,
+    /// The same through the warp's own rows of the Q tile.
+    InQ = 2,
+}
+
 /// Shared memory a CTA may have on sm_90.
 const SM90_SMEM: usize = 227 << 10;
 
@@ -283,7 +294,7 @@ impl Variant {
     pub fn smem_bytes(&self) -> usize {
         let row = (self.hdim + 8) * 2; // a portable tile's row, padded by 8 elements
         match (self.family, self.pass) {
-            (Family::Hopper, Pass::Forward) => self.hopper_fwd_smem(self.hopper_stage_o()),
+            (Family::Hopper, Pass::Forward) => self.hopper_fwd_smem(self.hopper_o_staging() == OStaging::Boxes),
             (Family::Hopper, Pass::Backward) => {
                 let (m, n, stages) = (self.block_m(), HOPPER_BWD_BLOCK_N, HOPPER_BWD_STAGES);
                 // Alignment slack, K and V, the Q and dO ring, two dS^T buffers, the consumers' f32 dQ staging
@@ -308,20 +319,36 @@ impl Variant {
         }
     }
 
-    /// Shared memory of the Hopper forward: 1024 bytes of alignment slack, Q, the K and V ring, the O staging if
-    /// any (a 16-row box per consumer warp), the mbarriers (2 for Q, 4 per stage) and the tile index.
-    fn hopper_fwd_smem(&self, stage_o: bool) -> usize {
+    /// Shared memory of the Hopper forward: 1024 bytes of alignment slack, Q, the K and V ring, the O staging
+    /// boxes if any (16 rows per consumer warp), the mbarriers (2 for Q, 4 per stage) and the tile index.
+    fn hopper_fwd_smem(&self, boxes: bool) -> usize {
         let t = self.hopper_tiles();
-        let (m, staging) = (self.block_m(), if stage_o { self.block_m() } else { 0 });
+        let (m, staging) = (self.block_m(), if boxes { self.block_m() } else { 0 });
         1024 + 2 * self.hdim * (m + 2 * t.stages * t.block_n + staging) + 8 * (2 + 4 * t.stages) + 4
     }
 
-    /// Whether the Hopper forward's O leaves through shared memory and TMA stores (3-7% faster than direct stores
-    /// at d = 128 on the H200): with two consumer warpgroups, where the staging fits beside Q and the K/V ring (up
-    /// to head dim 128 with the default tiles). Three consumers have 160 registers: there it spills with a score
-    /// modifier, and is 4% slower without.
-    fn hopper_stage_o(&self) -> bool {
-        self.hopper_tiles().consumers == 2 && self.hopper_fwd_smem(true) <= SM90_SMEM
+    /// How the Hopper forward's O leaves. Through shared memory and TMA stores with two consumer warpgroups: in
+    /// boxes of its own where they fit beside Q and the K/V ring (up to head dim 128 with the default tiles; 3-7%
+    /// faster than direct stores at d = 128 on the H200), else in the Q tile, whose next load then waits for the
+    /// epilogue (d = 256: +1-6%, most at N = 1024 and under a causal mask; at d = 128 it loses 2-7% to the
+    /// boxes). Three consumers have 160 registers: staging spills there with a score modifier, and is 4% slower
+    /// without.
+    fn hopper_o_staging(&self) -> OStaging {
+        if self.hopper_tiles().consumers != 2 {
+            OStaging::Direct
+        } else if self.hopper_fwd_smem(true) <= SM90_SMEM {
+            OStaging::Boxes
+        } else {
+            OStaging::InQ
+        }
+    }
+
+    /// Whether the Hopper forward rescales O only when some row's maximum grew by more than 2^8 (LAZY_RESCALE):
+    /// where O is wide against the key block (from d = 192: 96-128 accumulators of O per thread against 40-48
+    /// scores), 2-4% faster at d = 256 on the H200; at d = 64 and 128 the vote costs more than the multiplications
+    /// it saves (1% slower).
+    fn hopper_lazy_rescale(&self) -> bool {
+        self.hdim >= 192
     }
 
     /// A readable name: "fwd-bf16-d128-masked-mod", "fwd-sm90a-bf16-d128".
@@ -394,7 +421,8 @@ impl Variant {
                     format!("-DCONSUMERS={}", t.consumers),
                     format!("-DBLOCK_N={}", t.block_n),
                     format!("-DSTAGES={}", t.stages),
-                    format!("-DSTAGE_O={}", self.hopper_stage_o() as u8),
+                    format!("-DO_STAGING={}", self.hopper_o_staging() as u8),
+                    format!("-DLAZY_RESCALE={}", self.hopper_lazy_rescale() as u8),
                 ]);
             }
             (Family::Hopper, Pass::Backward) => {

@@ -10,14 +10,16 @@
 // setmaxnreg moves registers from the producer to the consumers. Inside a consumer, the softmax of key block j
 // runs while the tensor cores do P V of block j-1: step j issues Q K(j)^T, then P(j-1) V(j-1), waits only for the
 // first, and does the softmax before waiting for the second. Each consumer warp writes its 16 rows of O through
-// its own staging box in shared memory and a TMA store where there is room for the boxes (STAGE_O), else
-// straight from its registers.
+// staging boxes in shared memory and TMA stores (O_STAGING): boxes of its own beside Q and the ring where there is
+// room for them, else its own rows of the Q tile, which it then holds until the stores have read them.
+// Three consumers store O straight from their registers.
 //
 // Shared tiles use the 128-byte swizzle of both TMA and wgmma: a tile of R rows is HDIM / 64 slabs of R rows x 64
 // columns (128 bytes per row), each slab 1024-byte aligned.
 //
 // Defines: HDIM (64, 128, 192 or 256: the head dim rounded up; TMA zero-fills the columns past it), CONSUMERS,
-// BLOCK_N, STAGES, STAGE_O (O leaves through shared memory), IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_N) and
+// BLOCK_N, STAGES, O_STAGING (0: none, 1: boxes beside the ring, 2: in the Q tile), LAZY_RESCALE (see softmax),
+// IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_N) and
 // WGMMA_RS (N = HDIM), generated.
 
 #define BLOCK_M (64 * CONSUMERS)
@@ -27,6 +29,8 @@
 #define S_REGS (BLOCK_N / 2)                     // f32 accumulators of S per thread
 #define O_REGS (HDIM / 2)                        // ... of O
 #define O_WARP_BYTES (16 * HDIM * 2)             // a warp's O staging (16 rows)
+#define STAGE_O (O_STAGING > 0)
+#define O_IN_Q (O_STAGING == 2)                  // Q is released after the epilogue, not after the last Q K^T
 #define RELEASES (CONSUMERS * 4)                 // one arrival per consumer warp frees a stage
 // Registers per thread after reallocation: producer and consumers share the 64K of the SM.
 #define PRODUCER_REGS (CONSUMERS == 2 ? 40 : 32)
@@ -73,7 +77,7 @@ struct Smem {
         k = q + Q_BYTES;
         v = k + STAGES * KV_BYTES;
         o = v + STAGES * KV_BYTES;
-        bars = o + (STAGE_O ? O_WARP_BYTES * 4 * CONSUMERS : 0);
+        bars = o + (O_STAGING == 1 ? O_WARP_BYTES * 4 * CONSUMERS : 0);
         tile = bars + 16 + 32 * STAGES;
     }
     DEVICE u32 q_full() const { return bars; }
@@ -136,18 +140,18 @@ DEVICE void store_o_direct(const AttnParams &p, const float (&o)[O_REGS], const 
 
 #if STAGE_O
 // The same for 16 rows that all lie inside the sequence, through the warp's staging boxes in shared memory
-// (HDIM / 64 boxes of 16 rows x 64 columns, 128-byte swizzle) and TMA stores, which write whole lines (direct
-// stores of a fragment touch 8 lines per instruction). The boxes are free again once the last stores have read
-// them: only the warp itself waits for that.
+// (HDIM / 64 boxes of 16 rows x 64 columns, 128-byte swizzle, `box_stride` bytes apart) and TMA stores, which
+// write whole lines (direct stores of a fragment touch 8 lines per instruction). The boxes are free again once the
+// last stores have read them: only the warp itself waits for that.
 DEVICE void store_o_staged(const AttnParams &p, const float (&o)[O_REGS], const float (&inv)[2], const TmaMap &tout,
-                           u32 staging, const Work &w, int warp_row) {
+                           u32 staging, u32 box_stride, const Work &w, int warp_row) {
     const int lane = threadIdx.x % 32;
     if (lane == 0) bulk_wait_read();
     __syncwarp();
 #pragma unroll
     for (int i = 0; i < O_REGS; i += 2) {
         const int hf = (i / 2) % 2, row = lane / 4 + 8 * hf, col = 8 * (i / 4) + 2 * (lane % 4);
-        st_shared(SWIZZLED(staging + (col / 64) * SLAB(16), row, (col % 64) / 8) + (col % 8) * 2,
+        st_shared(SWIZZLED(staging + (col / 64) * box_stride, row, (col % 64) / 8) + (col % 8) * 2,
                   pack2(o[i] * inv[hf], o[i + 1] * inv[hf]));
     }
     fence_proxy_async();
@@ -155,7 +159,7 @@ DEVICE void store_o_staged(const AttnParams &p, const float (&o)[O_REGS], const 
     if (lane == 0) {
 #pragma unroll
         for (int box = 0; box < HDIM / 64; ++box) {
-            tma_store(tout, staging + box * SLAB(16), 64 * box, w.seq.start_q + warp_row, w.h, map_batch(p, w.b));
+            tma_store(tout, staging + box * box_stride, 64 * box, w.seq.start_q + warp_row, w.h, map_batch(p, w.b));
         }
         bulk_commit();
     }
@@ -213,9 +217,11 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
             }
             wgmma_commit();
         };
-        // Scores of key block n to probabilities (in s), with the online-softmax update; returns in `corr` the
-        // factors by which O's rows must shrink.
-        auto softmax = [&](int n, float(&corr)[2]) {
+        // Scores of key block n to probabilities (in s), with the online-softmax update. Returns whether O's rows
+        // must shrink, by the factors it leaves in `corr`: always, or with LAZY_RESCALE only when some row of the
+        // warp saw its maximum grow by more than 2^8 (in exp2 units); until then the maximum stays and the
+        // exponentials may reach 2^8, harmless in f32 sums and 16-bit P, and most blocks skip the rescale.
+        auto softmax = [&](int n, float(&corr)[2]) -> bool {
             const int n0 = n * BLOCK_N;
             if (HAS_MOD || !mask.full(row_lo, row_lo + 64, n0, n0 + BLOCK_N)) {
                 const int2 seen[2] = {mask.keys(r0), mask.keys(r0 + 8)};  // by this thread's two rows
@@ -228,16 +234,25 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
                     s[i] = x;
                 }
             }
+            float mx[2];
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-                float mx = row_max[hf];
+                mx[hf] = row_max[hf];
 #pragma unroll
-                for (int i = 2 * hf; i < S_REGS; i += 4) mx = fmaxf(mx, fmaxf(s[i], s[i + 1]));
-                mx = quad_max(mx);
-                // A row with no visible key so far keeps max -inf: subtract 0 so exp2(-inf) = 0.
-                const float base = mx == NEG_INF ? 0.f : mx * exp_scale;
-                corr[hf] = fast_exp2(row_max[hf] * exp_scale - base);
-                row_max[hf] = mx;
+                for (int i = 2 * hf; i < S_REGS; i += 4) mx[hf] = fmaxf(mx[hf], fmaxf(s[i], s[i + 1]));
+                mx[hf] = quad_max(mx[hf]);
+            }
+            const bool grow = !LAZY_RESCALE || __any_sync(~0u, (mx[0] - row_max[0]) * exp_scale > 8.f ||
+                                                                   (mx[1] - row_max[1]) * exp_scale > 8.f);
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                if (grow) {
+                    // A row with no visible key so far keeps max -inf: subtract 0 so exp2(-inf) = 0.
+                    corr[hf] = fast_exp2(row_max[hf] * exp_scale - (mx[hf] == NEG_INF ? 0.f : mx[hf] * exp_scale));
+                    row_max[hf] = mx[hf];
+                    row_sum[hf] *= corr[hf];
+                }
+                const float base = row_max[hf] == NEG_INF ? 0.f : row_max[hf] * exp_scale;
                 float sum = 0.f;
 #pragma unroll
                 for (int i = 2 * hf; i < S_REGS; i += 4) {
@@ -245,16 +260,15 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
                     s[i + 1] = fast_exp2(s[i + 1] * exp_scale - base);
                     sum += s[i] + s[i + 1];
                 }
-                row_sum[hf] = row_sum[hf] * corr[hf] + sum;
+                row_sum[hf] += sum;
             }
+            return grow;
         };
         // P to 16-bit pairs in the A-operand layout of wgmma (which is the accumulator's: no shuffles).
         auto pack_p = [&]() {
 #pragma unroll
             for (int i = 0; i < S_REGS / 2; ++i) pk[i] = pack2(s[2 * i], s[2 * i + 1]);
         };
-        // Always, though most blocks move no maximum once they settle: skipping the multiplications when no row
-        // of a warp moved (a vote and a branch) was 3-4% slower.
         auto rescale = [&](const float(&corr)[2]) {
 #pragma unroll
             for (int i = 0; i < O_REGS; ++i) o[i] *= corr[(i / 2) % 2];
@@ -262,11 +276,11 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
         auto release = [&](u32 bar) {
             if (lane == 0) mbar_arrive(bar);
         };
-        // S of block n is in: K(stage) is free, and after the tile's last block so is Q (the next tile's Q then
-        // loads under this one's last softmax, P V and epilogue).
+        // S of block n is in: K(stage) is free, and after the tile's last block so is Q unless O is staged in it
+        // (the next tile's Q then loads under this one's last softmax, P V and epilogue).
         auto scores_done = [&](int n, int stage) {
             release(sm.k_empty(stage));
-            if (n == w.n_lo) release(sm.q_empty());
+            if (!O_IN_Q && n == w.n_lo) release(sm.q_empty());
         };
 
         if (w.n_hi > w.n_lo) {
@@ -291,12 +305,12 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
                 wgmma_wait<1>();  // S is in; P V may still run
                 reg_fence(s);
                 scores_done(n, stage);
-                softmax(n, corr);
+                const bool shrink = softmax(n, corr);
                 wgmma_wait<0>();
                 reg_fence(o);
                 reg_fence(pk);
                 release(sm.v_empty(prev));
-                rescale(corr);
+                if (shrink) rescale(corr);
                 pack_p();
             }
             mbar_wait(sm.v_full(stage), (kv / STAGES) & 1);
@@ -305,7 +319,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
             reg_fence(o);
             release(sm.v_empty(stage));
             ++kv;
-        } else {
+        } else if (!O_IN_Q) {
             release(sm.q_empty());
         }
 
@@ -323,12 +337,21 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
         // divergent makes it keep the whole consumer's shared-memory addresses and wgmma descriptors in ordinary
         // registers (an R2UR pair before each wgmma of the loop): 1-3% slower at d = 128.
         if (__all_sync(~0u, warp_row + 16 <= w.seq.len_q)) {
-            store_o_staged(p, o, inv, tout, sm.o + (4 * c + warp) * O_WARP_BYTES, w, warp_row);
+#if O_IN_Q
+            store_o_staged(p, o, inv, tout, sm.q + (64 * c + 16 * warp) * 128, SLAB(BLOCK_M), w, warp_row);
+#else
+            store_o_staged(p, o, inv, tout, sm.o + (4 * c + warp) * O_WARP_BYTES, SLAB(16), w, warp_row);
+#endif
         } else
 #endif
         {
             store_o_direct(p, o, inv, w, warp_row);
         }
+#if O_IN_Q
+        // Q's tile is free once the stores have read this warp's rows of it.
+        if (lane == 0) bulk_wait_read();
+        release(sm.q_empty());
+#endif
         float *lse = p.lse + w.b * p.lse_batch + w.h * p.lse_head + w.seq.start_q;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
