@@ -157,7 +157,7 @@ DEVICE void load_stats(const AttnParams &p, const Smem &sm, const KeyBlock &kb) 
 
 // A consumer warpgroup: c owns keys [64c, 64c + 64) of the block; a thread holds keys r and r + 8.
 DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, const KeyBlock &kb) {
-    const int c = threadIdx.x / 128 - 1, t = threadIdx.x % 128;
+    const int c = warpgroup() - 1, t = threadIdx.x % 128;
     const int warp = t / 32, lane = t % 32;
     // Operand descriptors: a base per tile plus a compile-time offset per k step (16-byte units).
     // S^T, dP^T: A = this consumer's K or V rows, B = Q or dO, both K-major (k steps along the head dim).

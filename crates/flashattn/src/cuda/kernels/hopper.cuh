@@ -61,6 +61,11 @@ DEVICE void tma_reduce_add(const TmaMap &map, u32 src, int col, int row, int hea
                  ::"l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(src) : "memory");
 }
 
+// This thread's warpgroup, as a value ptxas knows to be the same across the warp (a shuffle from lane 0). Computed
+// as threadIdx.x / 128 it is not, and the shared-memory addresses and wgmma descriptors derived from it are then
+// built in ordinary registers and moved to uniform ones (R2UR pairs) before each wgmma.
+DEVICE int warpgroup() { return __shfl_sync(~0u, threadIdx.x / 128, 0); }
+
 DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
