@@ -22,7 +22,7 @@ DEVICE float probability(const AttnParams &p, const Mask &mask, bool need_mask, 
     } else {
         pr = fast_exp2(raw * p.scale_log2 - lse);
     }
-    return need_mask && !mask.visible(i, j) ? 0.f : pr;
+    return need_mask & !mask.visible(i, j) ? 0.f : pr;
 }
 
 // The query blocks (of block_m rows) that see some key of [n0, n0 + block_n): [lo, hi).

@@ -261,7 +261,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
                 } else {
                     pr[e] = fast_exp2(x * p.scale_log2 - lse);
                 }
-                if (need_mask && !kb.mask.visible(i, j)) pr[e] = 0.f;
+                if (need_mask & !kb.mask.visible(i, j)) pr[e] = 0.f;
             }
         };
         // P^T and dS^T = P^T (dP^T - D) dscore as 16-bit pairs: the A operand layout of wgmma is the

@@ -139,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
                             const int j = c0 + nt * 8 + 2 * (lane % 4) + (e % 2);
                             float s = acc_s[mt][nt][e];
                             if (HAS_MOD) s = score_mod(p, slope, i + mask.shift - j, s, 0);
-                            if (need_mask && !mask.visible(i, j)) s = NEG_INF;
+                            if (need_mask && !mask.visible_branching(i, j)) s = NEG_INF;
                             acc_s[mt][nt][e] = s;
                         }
             }
