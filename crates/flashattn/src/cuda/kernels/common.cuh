@@ -200,7 +200,8 @@ struct Mask {
     int shift, left, right, len_k;
     // Whether query i sees key j: below len_k and, under a mask, i - j within `offsets`. Joined with `&`, not the
     // short-circuit operators, which compiled to a branch and a convergence barrier per element (the Hopper
-    // backward 5-22% slower). Without a mask (IS_MASKED = 0: no causal mask, no window) only the key bound applies.
+    // backward was 3-20% slower). Without a mask (IS_MASKED = 0: no causal mask, no window) only the key bound
+    // applies.
     DEVICE bool visible(int i, int j) const {
         const int2 d = offsets();
         return (j < len_k) & (!IS_MASKED || ((i - j >= d.x) & (i - j <= d.y)));
