@@ -19,8 +19,7 @@
 //
 // Defines: HDIM (64, 128, 192 or 256: the head dim rounded up; TMA zero-fills the columns past it), CONSUMERS,
 // BLOCK_N, STAGES, O_STAGING (0: none, 1: boxes beside the ring, 2: in the Q tile), LAZY_RESCALE (see softmax),
-// IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_N) and
-// WGMMA_RS (N = HDIM), generated.
+// IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_N) and WGMMA_RS (N = HDIM), generated.
 
 #define BLOCK_M (64 * CONSUMERS)
 #define NTHREADS (128 * (CONSUMERS + 1))
@@ -31,6 +30,7 @@
 #define O_WARP_BYTES (16 * HDIM * 2)             // a warp's O staging (16 rows)
 #define STAGE_O (O_STAGING > 0)
 #define O_IN_Q (O_STAGING == 2)                  // Q is released after the epilogue, not after the last Q K^T
+#define O_BOX_STRIDE (O_IN_Q ? SLAB(BLOCK_M) : SLAB(16))  // from one of a warp's staging boxes to the next
 #define RELEASES (CONSUMERS * 4)                 // one arrival per consumer warp frees a stage
 // Registers per thread after reallocation: producer and consumers share the 64K of the SM.
 #define PRODUCER_REGS (CONSUMERS == 2 ? 40 : 32)
@@ -79,6 +79,10 @@ struct Smem {
         o = v + STAGES * KV_BYTES;
         bars = o + (O_STAGING == 1 ? O_WARP_BYTES * 4 * CONSUMERS : 0);
         tile = bars + 16 + 32 * STAGES;
+    }
+    // The first staging box of warp `warp` of consumer c: its own beside the ring, or its 16 rows of Q's first slab.
+    DEVICE u32 o_boxes(int c, int warp) const {
+        return O_IN_Q ? q + (64 * c + 16 * warp) * 128 : o + (4 * c + warp) * O_WARP_BYTES;
     }
     DEVICE u32 q_full() const { return bars; }
     DEVICE u32 q_empty() const { return bars + 8; }
@@ -140,18 +144,18 @@ DEVICE void store_o_direct(const AttnParams &p, const float (&o)[O_REGS], const 
 
 #if STAGE_O
 // The same for 16 rows that all lie inside the sequence, through the warp's staging boxes in shared memory
-// (HDIM / 64 boxes of 16 rows x 64 columns, 128-byte swizzle, `box_stride` bytes apart) and TMA stores, which
+// (HDIM / 64 boxes of 16 rows x 64 columns, 128-byte swizzle, O_BOX_STRIDE bytes apart) and TMA stores, which
 // write whole lines (direct stores of a fragment touch 8 lines per instruction). The boxes are free again once the
 // last stores have read them: only the warp itself waits for that.
 DEVICE void store_o_staged(const AttnParams &p, const float (&o)[O_REGS], const float (&inv)[2], const TmaMap &tout,
-                           u32 staging, u32 box_stride, const Work &w, int warp_row) {
+                           u32 staging, const Work &w, int warp_row) {
     const int lane = threadIdx.x % 32;
     if (lane == 0) bulk_wait_read();
     __syncwarp();
 #pragma unroll
     for (int i = 0; i < O_REGS; i += 2) {
         const int hf = (i / 2) % 2, row = lane / 4 + 8 * hf, col = 8 * (i / 4) + 2 * (lane % 4);
-        st_shared(SWIZZLED(staging + (col / 64) * box_stride, row, (col % 64) / 8) + (col % 8) * 2,
+        st_shared(SWIZZLED(staging + (col / 64) * O_BOX_STRIDE, row, (col % 64) / 8) + (col % 8) * 2,
                   pack2(o[i] * inv[hf], o[i + 1] * inv[hf]));
     }
     fence_proxy_async();
@@ -159,7 +163,7 @@ DEVICE void store_o_staged(const AttnParams &p, const float (&o)[O_REGS], const 
     if (lane == 0) {
 #pragma unroll
         for (int box = 0; box < HDIM / 64; ++box) {
-            tma_store(tout, staging + box * box_stride, 64 * box, w.seq.start_q + warp_row, w.h, map_batch(p, w.b));
+            tma_store(tout, staging + box * O_BOX_STRIDE, 64 * box, w.seq.start_q + warp_row, w.h, map_batch(p, w.b));
         }
         bulk_commit();
     }
@@ -247,15 +251,16 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
             }
             const bool grow = !LAZY_RESCALE || __any_sync(~0u, (mx[0] - row_max[0]) * exp_scale > 8.f ||
                                                                    (mx[1] - row_max[1]) * exp_scale > 8.f);
+            // A row with no visible key so far keeps max -inf: subtract 0 so exp2(-inf) = 0.
+            auto base_of = [&](float m) { return m == NEG_INF ? 0.f : m * exp_scale; };
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
                 if (grow) {
-                    // A row with no visible key so far keeps max -inf: subtract 0 so exp2(-inf) = 0.
-                    corr[hf] = fast_exp2(row_max[hf] * exp_scale - (mx[hf] == NEG_INF ? 0.f : mx[hf] * exp_scale));
+                    corr[hf] = fast_exp2(row_max[hf] * exp_scale - base_of(mx[hf]));
                     row_max[hf] = mx[hf];
                     row_sum[hf] *= corr[hf];
                 }
-                const float base = row_max[hf] == NEG_INF ? 0.f : row_max[hf] * exp_scale;
+                const float base = base_of(row_max[hf]);
                 float sum = 0.f;
 #pragma unroll
                 for (int i = 2 * hf; i < S_REGS; i += 4) {
@@ -340,11 +345,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
         // divergent makes it keep the whole consumer's shared-memory addresses and wgmma descriptors in ordinary
         // registers (an R2UR pair before each wgmma of the loop): 1-3% slower at d = 128.
         if (__all_sync(~0u, warp_row + 16 <= w.seq.len_q)) {
-#if O_IN_Q
-            store_o_staged(p, o, inv, tout, sm.q + (64 * c + 16 * warp) * 128, SLAB(BLOCK_M), w, warp_row);
-#else
-            store_o_staged(p, o, inv, tout, sm.o + (4 * c + warp) * O_WARP_BYTES, SLAB(16), w, warp_row);
-#endif
+            store_o_staged(p, o, inv, tout, sm.o_boxes(c, warp), w, warp_row);
         } else
 #endif
         {
