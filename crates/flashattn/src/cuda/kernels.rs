@@ -94,13 +94,15 @@ pub fn padded_head_dim(d: usize) -> Result<usize> {
     Ok(d.div_ceil(32) * 32)
 }
 
-/// Hopper forward tiles: consumer warpgroups (64 query rows each), key rows per block and the depth of the K/V
-/// shared-memory ring.
+/// Hopper forward tiles: consumer warpgroups (64 query rows each), key rows per block, the depth of the K/V
+/// shared-memory ring, and the CTAs of a cluster, which take neighbouring query blocks of one head and share each
+/// K/V block's load (TMA multicast).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HopperTiles {
     pub consumers: usize,
     pub block_n: usize,
     pub stages: usize,
+    pub cluster: usize,
 }
 
 /// How the Hopper forward's consumers write O (the kernel's O_STAGING).
@@ -143,7 +145,7 @@ const HOPPER_BWD_STAGES: usize = 2;
 
 /// Tile overrides for kernel tuning, from the environment (every variant of the family takes them; unset in
 /// normal use): `FLASHATTN_FWD_TILES=block_m,block_n,sub_n,warps,s_unroll`,
-/// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d`, `FLASHATTN_SM90_TILES=consumers,block_n,stages` and
+/// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d`, `FLASHATTN_SM90_TILES=consumers,block_n,stages[,cluster]` and
 /// `FLASHATTN_SM90_BWD_TILES=block_m`.
 /// Read once per process: a loaded kernel must be launched with the geometry it was compiled for.
 fn tile_override(family: Tuned) -> Option<&'static [usize]> {
@@ -216,11 +218,20 @@ impl Variant {
     }
 
     pub fn hopper_tiles(&self) -> HopperTiles {
-        if let Some(&[consumers, block_n, stages]) = tile_override(Tuned::HopperForward) {
-            return HopperTiles { consumers, block_n, stages };
+        // Clusters of two at d = 128 without a mask (a mask gives neighbouring query blocks different key ranges):
+        // each K/V block then leaves L2 once for two CTAs. On the H200 +1-4% at d = 128 (without any K/V loads,
+        // +10-14%), even at d = 256, and 2-6% slower at d = 64 (three consumers: a cluster moves in step with its
+        // slower CTA).
+        let cluster = if self.masked || self.hdim != 128 { 1 } else { 2 };
+        match tile_override(Tuned::HopperForward) {
+            Some(&[consumers, block_n, stages]) => return HopperTiles { consumers, block_n, stages, cluster },
+            Some(&[consumers, block_n, stages, c]) => {
+                return HopperTiles { consumers, block_n, stages, cluster: if self.masked { 1 } else { c } };
+            }
+            _ => {}
         }
         // Shared memory: Q (128 rows) plus `stages` K and V blocks within the 227 KB a block may have.
-        let t = |block_n, stages| HopperTiles { consumers: 2, block_n, stages };
+        let t = |block_n, stages| HopperTiles { consumers: 2, block_n, stages, cluster };
         match self.hdim {
             // Three consumers (192 query rows) at d = 64: without a mask 8-13% faster on the H200 at N >= 4096;
             // under a causal mask 2-12% faster from N = 2048 on, but 12% slower at 1024 (the larger tile wastes
@@ -261,6 +272,14 @@ impl Variant {
         match self.family {
             Family::Hopper => HOPPER_BWD_BLOCK_N,
             Family::Portable => self.bwd_tiles().block_n(),
+        }
+    }
+
+    /// CTAs per cluster of the main kernel (1: launched without clusters).
+    pub fn cluster(&self) -> usize {
+        match (self.family, self.pass) {
+            (Family::Hopper, Pass::Forward) => self.hopper_tiles().cluster,
+            _ => 1,
         }
     }
 
@@ -324,7 +343,7 @@ impl Variant {
     fn hopper_fwd_smem(&self, boxes: bool) -> usize {
         let t = self.hopper_tiles();
         let (m, staging) = (self.block_m(), if boxes { self.block_m() } else { 0 });
-        1024 + 2 * self.hdim * (m + 2 * t.stages * t.block_n + staging) + 8 * (2 + 4 * t.stages) + 4
+        1024 + 2 * self.hdim * (m + 2 * t.stages * t.block_n + staging) + 8 * (2 + 4 * t.stages) + 8
     }
 
     /// How the Hopper forward's O leaves. Through shared memory and TMA stores with two consumer warpgroups: in
@@ -349,6 +368,13 @@ impl Variant {
     /// it saves (1% slower).
     fn hopper_lazy_rescale(&self) -> bool {
         self.hdim >= 192
+    }
+
+    /// Whether the Hopper forward's loop waits for P V after the softmax, as written, rather than where ptxas
+    /// would move the wait, before it (WAIT_AFTER_SOFTMAX; `wgmma_wait_after` in hopper.cuh): on the H200 +1-4% at
+    /// d = 128 and 256, 1-3% slower at d = 64 (three consumers).
+    fn hopper_wait_after_softmax(&self) -> bool {
+        self.hdim >= 128
     }
 
     /// A readable name: "fwd-bf16-d128-masked-mod", "fwd-sm90a-bf16-d128".
@@ -421,8 +447,10 @@ impl Variant {
                     format!("-DCONSUMERS={}", t.consumers),
                     format!("-DBLOCK_N={}", t.block_n),
                     format!("-DSTAGES={}", t.stages),
+                    format!("-DCLUSTER={}", t.cluster),
                     format!("-DO_STAGING={}", self.hopper_o_staging() as u8),
                     format!("-DLAZY_RESCALE={}", self.hopper_lazy_rescale() as u8),
+                    format!("-DWAIT_AFTER_SOFTMAX={}", self.hopper_wait_after_softmax() as u8),
                 ]);
             }
             (Family::Hopper, Pass::Backward) => {

@@ -5,6 +5,7 @@
 mod approx;
 use approx::CachedProjections;
 mod blas;
+mod cluster;
 pub mod compile;
 pub mod kernels;
 mod params;
@@ -87,6 +88,8 @@ struct Loaded {
     main: CudaFunction,
     preprocess: Option<CudaFunction>,
     convert: Option<CudaFunction>,
+    /// Clusters of the main kernel that fit on the GPU at once, for a variant launched in clusters.
+    clusters: usize,
 }
 
 /// One GPU, its stream and its loaded kernels.
@@ -276,7 +279,19 @@ impl Gpu {
             Pass::Forward => (None, None),
             Pass::Backward => (Some(function("flash_bwd_preprocess")?), Some(function("flash_bwd_dq_convert")?)),
         };
-        let loaded = Arc::new(Loaded { main, preprocess, convert });
+        let cluster = variant.cluster();
+        let clusters = if cluster > 1 {
+            let one = cluster::Geometry {
+                grid: cluster as u32,
+                block: variant.threads(),
+                smem: smem as u32,
+                cluster: cluster as u32,
+            };
+            cluster::max_active(&main, &self.stream, one)?
+        } else {
+            0
+        };
+        let loaded = Arc::new(Loaded { main, preprocess, convert, clusters });
         self.loaded.lock().unwrap().insert(variant, loaded.clone());
         Ok(loaded)
     }
@@ -368,10 +383,19 @@ impl Gpu {
         let mut launch = self.stream.launch_builder(&loaded.main);
         launch.arg(&p);
         let (maps, mut counter, group_heads);
+        let cluster = variant.cluster();
         if variant.family == Family::Hopper {
-            // Persistent: one CTA per SM takes tiles from the counter.
-            let tiles = m_blocks * plan.heads_q * plan.batch;
-            cfg.grid_dim = (tiles.min(self.sm_count) as u32, 1, 1);
+            // Persistent: one CTA per SM takes tiles from the counter, or clusters as many as fit take their
+            // share of the tile list (an entry is a query block per CTA of the cluster).
+            let tiles = m_blocks.div_ceil(cluster) * plan.heads_q * plan.batch;
+            cfg.grid_dim = if cluster > 1 {
+                if loaded.clusters == 0 {
+                    return Err(AttnError::Cuda(format!("no cluster of {cluster} forward CTAs fits on {}", self.name)));
+                }
+                ((tiles.min(loaded.clusters) * cluster) as u32, 1, 1)
+            } else {
+                (tiles.min(self.sm_count) as u32, 1, 1)
+            };
             let (m, n) = (variant.block_m(), variant.hopper_tiles().block_n);
             maps = [
                 self.tensor_map(&plan, q, Side::Query, m)?,
@@ -386,6 +410,28 @@ impl Gpu {
             let kv_head_bytes = 4 * plan_max(&plan.len_k).max(1) * plan.head_dim;
             let group = plan.heads_q / plan.heads_kv;
             group_heads = (((12 << 20) / kv_head_bytes).clamp(1, plan.heads_kv * plan.batch) * group) as i32;
+            if cluster > 1 {
+                drop(launch);
+                let (counter_ptr, _record) = counter.device_ptr_mut(&self.stream);
+                let mut args: [*mut std::ffi::c_void; 7] = [
+                    &p as *const AttnParams as _,
+                    &maps[0] as *const _ as _,
+                    &maps[1] as *const _ as _,
+                    &maps[2] as *const _ as _,
+                    &maps[3] as *const _ as _,
+                    &counter_ptr as *const _ as _,
+                    &group_heads as *const _ as _,
+                ];
+                let geometry = cluster::Geometry {
+                    grid: cfg.grid_dim.0,
+                    block: cfg.block_dim.0,
+                    smem: cfg.shared_mem_bytes,
+                    cluster: cluster as u32,
+                };
+                self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+                // SAFETY: the arguments are the kernel's, in order; every pointer is a live buffer sized by the plan.
+                return unsafe { cluster::launch(&loaded.main, &self.stream, geometry, &mut args) };
+            }
             launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]).arg(&mut *counter).arg(&group_heads);
         }
         // SAFETY: the parameters match the kernel's; every pointer is a live buffer sized by the plan.

@@ -18,8 +18,9 @@
 // columns (128 bytes per row), each slab 1024-byte aligned.
 //
 // Defines: HDIM (64, 128, 192 or 256: the head dim rounded up; TMA zero-fills the columns past it), CONSUMERS,
-// BLOCK_N, STAGES, O_STAGING (0: none, 1: boxes beside the ring, 2: in the Q tile), LAZY_RESCALE (see softmax),
-// IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_N) and WGMMA_RS (N = HDIM), generated.
+// BLOCK_N, STAGES, CLUSTER (CTAs sharing each K/V load), O_STAGING (0: none, 1: boxes beside the ring, 2: in the
+// Q tile), LAZY_RESCALE (see softmax), WAIT_AFTER_SOFTMAX (see the loop), IS_MASKED, HAS_MOD; WGMMA_SS
+// (N = BLOCK_N) and WGMMA_RS (N = HDIM), generated.
 
 #define BLOCK_M (64 * CONSUMERS)
 #define NTHREADS (128 * (CONSUMERS + 1))
@@ -31,14 +32,21 @@
 #define STAGE_O (O_STAGING > 0)
 #define O_IN_Q (O_STAGING == 2)                  // Q is released after the epilogue, not after the last Q K^T
 #define O_BOX_STRIDE (O_IN_Q ? SLAB(BLOCK_M) : SLAB(16))  // from one of a warp's staging boxes to the next
-#define RELEASES (CONSUMERS * 4)                 // one arrival per consumer warp frees a stage
+#define RELEASES (CONSUMERS * 4)                 // one arrival per consumer warp frees Q
+#define KV_RELEASES (RELEASES * CLUSTER)         // ... and a K or V stage, in every CTA of the cluster
+#if CLUSTER > 1 && IS_MASKED
+#error "a cluster's CTAs read the same key blocks: no per-tile key ranges"
+#endif
 // Registers per thread after reallocation: producer and consumers share the 64K of the SM.
 #define PRODUCER_REGS (CONSUMERS == 2 ? 40 : 32)
 #define CONSUMER_REGS (CONSUMERS == 2 ? 232 : 160)
 
 // ---------------------------------------------------------------------------------------------------------------
 // The tile list: heads (with batches) in groups of `group_heads`, whose K and V fit in L2 together; within a
-// group, query blocks from the last (the longest under a causal mask) to the first, heads fastest.
+// group, query blocks from the last (the longest under a causal mask) to the first, heads fastest. With clusters
+// an entry is CLUSTER consecutive query blocks of one head, a block per CTA (by rank), all valid when the first
+// is: the cluster's CTAs read the same key blocks, and a block past the sequence's end computes rows it never
+// stores.
 struct Work {
     int m0, h, b;
     Seq seq;
@@ -48,15 +56,16 @@ struct Work {
 
 DEVICE Work work(const AttnParams &p, int t, int num_m, int group_heads) {
     Work w;
+    const int rank = CLUSTER > 1 ? cluster_rank() : 0;
     const int per_group = num_m * group_heads;
     const int g = t / per_group, r = t % per_group;
     const int in_group = min(group_heads, p.heads_q * p.batch - g * group_heads);
     const int hb = g * group_heads + r % in_group;
-    w.m0 = (num_m - 1 - r / in_group) * BLOCK_M;
+    w.m0 = ((num_m - 1 - r / in_group) * CLUSTER + rank) * BLOCK_M;
     w.h = hb % p.heads_q;
     w.b = hb / p.heads_q;
     w.seq = sequence(p, w.b);
-    w.valid = w.m0 < w.seq.len_q;
+    w.valid = w.m0 - rank * BLOCK_M < w.seq.len_q;
     w.n_lo = 0;
     w.n_hi = (w.seq.len_k + BLOCK_N - 1) / BLOCK_N;
 #if IS_MASKED
@@ -80,6 +89,7 @@ struct Smem {
         bars = o + (O_STAGING == 1 ? O_WARP_BYTES * 4 * CONSUMERS : 0);
         tile = bars + 16 + 32 * STAGES;
     }
+    DEVICE u32 sink() const { return tile + 4; }  // a word that only wgmma_wait_after may write
     // The first staging box of warp `warp` of consumer c: its own beside the ring, or its 16 rows of Q's first slab.
     DEVICE u32 o_boxes(int c, int warp) const {
         return O_IN_Q ? q + (64 * c + 16 * warp) * 128 : o + (4 * c + warp) * O_WARP_BYTES;
@@ -92,15 +102,37 @@ struct Smem {
     DEVICE u32 v_empty(int s) const { return bars + 40 + 32 * s; }
 };
 
+// The next entry of the tile list for this CTA after `t`: from the global counter, or, for a cluster (whose CTAs
+// must agree without talking), every clusters-th entry from the cluster's own index on.
+DEVICE int next_tile(int t, int *counter) {
+    return CLUSTER > 1 ? t + gridDim.x / CLUSTER : gridDim.x + atomicAdd(counter, 1);
+}
+
+// A K or V block into stage `dst`: a box per slab. In a cluster each CTA issues every other box of the block's K
+// and V (`first`: the boxes before these), multicast to all the cluster's CTAs, so that each block leaves L2 once.
+DEVICE void load_kv(u32 dst, const TmaMap &map, int row, int head, int batch, u32 bar, int first) {
+    if (CLUSTER == 1) {
+        tma_tile(dst, BLOCK_N, map, row, head, batch, bar);
+        return;
+    }
+    const int rank = cluster_rank();
+#pragma unroll
+    for (int s = 0; s < HDIM / 64; ++s) {
+        if ((first + s) % CLUSTER == rank) {
+            tma_load_multicast(dst + s * SLAB(BLOCK_N), map, 64 * s, row, head, batch, bar, (1 << CLUSTER) - 1);
+        }
+    }
+}
+
 // The producer: one thread takes the tiles and issues every copy. It passes each tile's index to the consumers
 // with Q (-1 when the list is done).
 DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, const TmaMap &tv, const Smem &sm,
-                    int *next_tile, int num_m, int tiles, int group_heads) {
+                    int *counter, int num_m, int tiles, int group_heads) {
     const int group = p.heads_q / p.heads_kv;
     int kv = 0;
-    for (int round = 0, t = blockIdx.x;; ++round, t = gridDim.x + atomicAdd(next_tile, 1)) {
+    for (int round = 0, t = blockIdx.x / CLUSTER;; ++round, t = next_tile(t, counter)) {
         Work w;
-        while (t < tiles && !(w = work(p, t, num_m, group_heads)).valid) t = gridDim.x + atomicAdd(next_tile, 1);
+        while (t < tiles && !(w = work(p, t, num_m, group_heads)).valid) t = next_tile(t, counter);
         mbar_wait(sm.q_empty(), (round & 1) ^ 1);  // the consumers are done with the last tile's Q
         st_shared(sm.tile, t < tiles ? t : -1);
         if (t >= tiles) {
@@ -115,10 +147,10 @@ DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, con
             const int row = w.seq.start_k + n * BLOCK_N;
             mbar_wait(sm.k_empty(stage), parity);
             mbar_expect_tx(sm.k_full(stage), KV_BYTES);
-            tma_tile(sm.k + stage * KV_BYTES, BLOCK_N, tk, row, hk, bq, sm.k_full(stage));
+            load_kv(sm.k + stage * KV_BYTES, tk, row, hk, bq, sm.k_full(stage), 0);
             mbar_wait(sm.v_empty(stage), parity);
             mbar_expect_tx(sm.v_full(stage), KV_BYTES);
-            tma_tile(sm.v + stage * KV_BYTES, BLOCK_N, tv, row, hk, bq, sm.v_full(stage));
+            load_kv(sm.v + stage * KV_BYTES, tv, row, hk, bq, sm.v_full(stage), HDIM / 64);
         }
     }
 }
@@ -284,10 +316,19 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
         auto release = [&](u32 bar) {
             if (lane == 0) mbar_arrive(bar);
         };
+        // A K or V stage is free once every CTA of the cluster is done with it (each one's loads fill them all).
+        auto release_kv = [&](u32 bar) {
+            if (CLUSTER == 1) {
+                release(bar);
+            } else if (lane == 0) {
+#pragma unroll
+                for (int r = 0; r < CLUSTER; ++r) mbar_arrive_cluster(cluster_addr(bar, r));
+            }
+        };
         // S of block n is in: K(stage) is free, and after the tile's last block so is Q unless O is staged in it
         // (the next tile's Q then loads under this one's last softmax, P V and epilogue).
         auto scores_done = [&](int n, int stage) {
-            release(sm.k_empty(stage));
+            release_kv(sm.k_empty(stage));
             if (!O_IN_Q && n == w.n_lo) release(sm.q_empty());
         };
 
@@ -314,10 +355,15 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
                 reg_fence(s);
                 scores_done(n, stage);
                 const bool shrink = softmax(n, corr);
-                wgmma_wait<0>();
+                // P V of the block before ran under the softmax; wait for it only now (see wgmma_wait_after).
+                if (WAIT_AFTER_SOFTMAX) {
+                    wgmma_wait_after<0>(row_sum[0] + row_sum[1], sm.sink());
+                } else {
+                    wgmma_wait<0>();
+                }
                 reg_fence(o);
                 reg_fence(pk);
-                release(sm.v_empty(prev));
+                release_kv(sm.v_empty(prev));
                 if (shrink) rescale(corr);
                 pack_p();
             }
@@ -325,7 +371,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
             issue_pv(stage);
             wgmma_wait<0>();
             reg_fence(o);
-            release(sm.v_empty(stage));
+            release_kv(sm.v_empty(stage));
             ++kv;
         } else if (!O_IN_Q) {
             release(sm.q_empty());
@@ -372,7 +418,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
     flash_fwd_sm90(const __grid_constant__ AttnParams p, const __grid_constant__ TmaMap tq,
                    const __grid_constant__ TmaMap tk, const __grid_constant__ TmaMap tv,
-                   const __grid_constant__ TmaMap tout, int *next_tile, int group_heads) {
+                   const __grid_constant__ TmaMap tout, int *counter, int group_heads) {
     extern __shared__ unsigned char smem_raw[];
     const Smem sm(smem_raw);
     if (threadIdx.x == 0) {
@@ -381,20 +427,27 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(sm.k_full(s), 1);
             mbar_init(sm.v_full(s), 1);
-            mbar_init(sm.k_empty(s), RELEASES);
-            mbar_init(sm.v_empty(s), RELEASES);
+            mbar_init(sm.k_empty(s), KV_RELEASES);
+            mbar_init(sm.v_empty(s), KV_RELEASES);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    // The barriers of every CTA of the cluster are set up before any of them is used.
+    if (CLUSTER > 1) {
+        cluster_sync();
+    } else {
+        __syncthreads();
+    }
 
-    const int num_m = (p.seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int num_m = (p.seqlen_q + CLUSTER * BLOCK_M - 1) / (CLUSTER * BLOCK_M);  // entries per head
     const int tiles = num_m * p.heads_q * p.batch;
     if (threadIdx.x < 128) {
         setmaxnreg_dec<PRODUCER_REGS>();
-        if (threadIdx.x == 0) produce(p, tq, tk, tv, sm, next_tile, num_m, tiles, group_heads);
+        if (threadIdx.x == 0) produce(p, tq, tk, tv, sm, counter, num_m, tiles, group_heads);
     } else {
         setmaxnreg_inc<CONSUMER_REGS>();
         consume(p, tout, sm, num_m, group_heads);
     }
+    // No CTA leaves while another may still write to its shared memory or arrive on its barriers.
+    if (CLUSTER > 1) cluster_sync();
 }

@@ -27,6 +27,35 @@ DEVICE void tma_load(u32 dst, const TmaMap &map, int col, int row, int head, int
                  ::"r"(dst), "l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar) : "memory");
 }
 
+// The same box into the shared memory of every CTA of the cluster in `ctas` (a bit per rank), at the same offset
+// in each, completing on the mbarrier at `bar`'s offset in each.
+DEVICE void tma_load_multicast(u32 dst, const TmaMap &map, int col, int row, int head, int batch, u32 bar, u16 ctas) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n"
+                 ::"r"(dst), "l"((u64)&map), "r"(col), "r"(row), "r"(head), "r"(batch), "r"(bar), "h"(ctas) : "memory");
+}
+
+// Clusters: this CTA's rank, a shared-memory address of this CTA as the same offset in the CTA of rank `rank`,
+// an arrival on an mbarrier there, and a barrier of all the cluster's threads (shared memory written before it,
+// by any of them, is visible after it).
+DEVICE u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+DEVICE u32 cluster_addr(u32 addr, u32 rank) {
+    u32 r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+// (Release at CTA scope: at cluster scope ptxas puts a MEMBAR.ALL.GPU before every arrival, and the forward
+// measured 30% slower. A stage's readers are wgmma and the writer TMA, both asynchronous: the CTA's order suffices.)
+DEVICE void mbar_arrive_cluster(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+DEVICE void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
 // Stores a box (64 columns, rows) from shared memory to (col, row, head, batch) of a 4-D tensor map, in the bulk
 // group of the issuing thread; the parts past the tensor's edges are dropped.
 DEVICE void tma_store(const TmaMap &map, u32 src, int col, int row, int head, int batch) {
@@ -71,6 +100,16 @@ DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" :
 template <int N>
 DEVICE void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// wgmma.wait_group N, held after `x` is computed. ptxas orders a wait only against memory operations: register-only
+// work written before it (a softmax) may be moved after it, so that the wait blocks where the tensor cores were
+// meant to run under that work (every Hopper forward variant's loop waited for P V at its softmax's start). A
+// shared-memory store of x, predicated on x being NaN (it almost never executes, and then writes the word at
+// `sink`, kept for it), holds the wait after x.
+template <int N>
+DEVICE void wgmma_wait_after(float x, u32 sink) {
+    asm volatile("{\n.reg .pred p;\nsetp.nan.f32 p, %0, %0;\n@p st.shared.f32 [%1], %0;\n}\n" ::"f"(x), "r"(sink) : "memory");
+    wgmma_wait<N>();
 }
 // The compiler does not know that wgmma.wait_group writes the accumulators: make it think this does.
 // Registers a wgmma reads (A operands) get the same fence: they may be rewritten only after it.
