@@ -364,10 +364,11 @@ impl Variant {
 
     /// Whether the Hopper forward rescales O only when some row's maximum grew by more than 2^8 (LAZY_RESCALE):
     /// where O is wide against the key block (from d = 192: 96-128 accumulators of O per thread against 40-48
-    /// scores), 2-4% faster at d = 256 on the H200; at d = 64 and 128 the vote costs more than the multiplications
-    /// it saves (1% slower).
+    /// scores), 2-4% faster at d = 256 on the H200; at d = 128, since the rescale follows the wait for P V
+    /// (`hopper_wait_after_softmax`), +0.3-1.6%; at d = 64 the vote costs more than the multiplications it saves
+    /// (1% slower).
     fn hopper_lazy_rescale(&self) -> bool {
-        self.hdim >= 192
+        self.hdim >= 128
     }
 
     /// Whether the Hopper forward's loop waits for P V after the softmax, as written, rather than where ptxas
