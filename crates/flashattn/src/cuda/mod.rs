@@ -411,7 +411,7 @@ impl Gpu {
             let group = plan.heads_q / plan.heads_kv;
             group_heads = (((12 << 20) / kv_head_bytes).clamp(1, plan.heads_kv * plan.batch) * group) as i32;
             if cluster > 1 {
-                drop(launch);
+                // The launch builder takes no clusters: the same arguments, by hand.
                 let (counter_ptr, _record) = counter.device_ptr_mut(&self.stream);
                 let mut args: [*mut std::ffi::c_void; 7] = [
                     &p as *const AttnParams as _,
@@ -422,12 +422,8 @@ impl Gpu {
                     &counter_ptr as *const _ as _,
                     &group_heads as *const _ as _,
                 ];
-                let geometry = cluster::Geometry {
-                    grid: cfg.grid_dim.0,
-                    block: cfg.block_dim.0,
-                    smem: cfg.shared_mem_bytes,
-                    cluster: cluster as u32,
-                };
+                let (grid, block, smem) = (cfg.grid_dim.0, cfg.block_dim.0, cfg.shared_mem_bytes);
+                let geometry = cluster::Geometry { grid, block, smem, cluster: cluster as u32 };
                 self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
                 // SAFETY: the arguments are the kernel's, in order; every pointer is a live buffer sized by the plan.
                 return unsafe { cluster::launch(&loaded.main, &self.stream, geometry, &mut args) };
