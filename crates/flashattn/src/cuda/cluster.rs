@@ -1,5 +1,6 @@
 //! Launches in thread-block clusters (sm_90), through the driver's extended launch: the CTAs of a cluster run at
-//! once on neighbouring SMs and can reach each other's shared memory.
+//! once on neighbouring SMs and can reach each other's shared memory. (The Hopper forward launches here also
+//! without clusters, as clusters of one.)
 
 use super::driver_err;
 use crate::error::Result;
@@ -70,5 +71,5 @@ pub(super) unsafe fn launch(
     // SAFETY: the caller vouches for the arguments; the configuration lives across the call.
     unsafe { sys::cuLaunchKernelEx(&cfg, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
         .result()
-        .map_err(driver_err("launching the forward kernel in clusters"))
+        .map_err(driver_err("launching the forward kernel"))
 }

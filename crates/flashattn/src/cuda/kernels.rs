@@ -218,30 +218,27 @@ impl Variant {
     }
 
     pub fn hopper_tiles(&self) -> HopperTiles {
-        // Clusters of two at d = 128 without a mask (a mask gives neighbouring query blocks different key ranges):
-        // each K/V block then leaves L2 once for two CTAs. On the H200 +1-4% at d = 128 (without any K/V loads,
-        // +10-14%), even at d = 256, and 2-6% slower at d = 64 (three consumers: a cluster moves in step with its
+        // Clusters of two at d = 128: each K/V block then leaves L2 once for two CTAs. On the H200 +1-4% at
+        // d = 128 (a fifth of what fewer K/V bytes would give: the cost is in shared memory more than L2), about
+        // +1% at d = 256 (left off), 2-6% slower at d = 64 (three consumers: a cluster moves in step with its
         // slower CTA).
-        let cluster = if self.masked || self.hdim != 128 { 1 } else { 2 };
-        match tile_override(Tuned::HopperForward) {
-            Some(&[consumers, block_n, stages]) => return HopperTiles { consumers, block_n, stages, cluster },
-            Some(&[consumers, block_n, stages, c]) => {
-                return HopperTiles { consumers, block_n, stages, cluster: if self.masked { 1 } else { c } };
-            }
-            _ => {}
-        }
+        let cluster = if self.hdim == 128 { 2 } else { 1 };
         // Shared memory: Q (128 rows) plus `stages` K and V blocks within the 227 KB a block may have.
         let t = |block_n, stages| HopperTiles { consumers: 2, block_n, stages, cluster };
-        match self.hdim {
+        let tiles = match (tile_override(Tuned::HopperForward), self.hdim) {
+            (Some(&[consumers, block_n, stages]), _) => HopperTiles { consumers, block_n, stages, cluster },
+            (Some(&[consumers, block_n, stages, cluster]), _) => HopperTiles { consumers, block_n, stages, cluster },
             // Three consumers (192 query rows) at d = 64: without a mask 8-13% faster on the H200 at N >= 4096;
             // under a causal mask 2-12% faster from N = 2048 on, but 12% slower at 1024 (the larger tile wastes
             // more of the diagonal).
-            64 if !self.masked || self.long => HopperTiles { consumers: 3, ..t(128, 4) },
-            64 => t(128, 4),
-            128 => t(128, 2),
-            192 => t(96, 2),
+            (_, 64) if !self.masked || self.long => HopperTiles { consumers: 3, ..t(128, 4) },
+            (_, 64) => t(128, 4),
+            (_, 128) => t(128, 2),
+            (_, 192) => t(96, 2),
             _ => t(80, 2),
-        }
+        };
+        // Under a mask neighbouring query blocks have different key ranges: no clusters.
+        HopperTiles { cluster: if self.masked { 1 } else { tiles.cluster }, ..tiles }
     }
 
     /// This variant for a problem of `len_q` query rows (the longest sequence's): marked long where that
@@ -339,7 +336,8 @@ impl Variant {
     }
 
     /// Shared memory of the Hopper forward: 1024 bytes of alignment slack, Q, the K and V ring, the O staging
-    /// boxes if any (16 rows per consumer warp), the mbarriers (2 for Q, 4 per stage) and the tile index.
+    /// boxes if any (16 rows per consumer warp), the mbarriers (2 for Q, 4 per stage), the tile index and the word
+    /// `wgmma_wait_after` may write.
     fn hopper_fwd_smem(&self, boxes: bool) -> usize {
         let t = self.hopper_tiles();
         let (m, staging) = (self.block_m(), if boxes { self.block_m() } else { 0 });

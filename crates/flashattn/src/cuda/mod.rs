@@ -88,8 +88,9 @@ struct Loaded {
     main: CudaFunction,
     preprocess: Option<CudaFunction>,
     convert: Option<CudaFunction>,
-    /// Clusters of the main kernel that fit on the GPU at once, for a variant launched in clusters.
-    clusters: usize,
+    /// Clusters of the main kernel (CTAs, for a variant launched without clusters) that run on the GPU at once:
+    /// as many as a persistent kernel launches.
+    resident: usize,
 }
 
 /// One GPU, its stream and its loaded kernels.
@@ -280,18 +281,26 @@ impl Gpu {
             Pass::Backward => (Some(function("flash_bwd_preprocess")?), Some(function("flash_bwd_dq_convert")?)),
         };
         let cluster = variant.cluster();
-        let clusters = if cluster > 1 {
+        let resident = if cluster > 1 {
             let one = cluster::Geometry {
                 grid: cluster as u32,
                 block: variant.threads(),
                 smem: smem as u32,
                 cluster: cluster as u32,
             };
-            cluster::max_active(&main, &self.stream, one)?
+            match cluster::max_active(&main, &self.stream, one)? {
+                0 => {
+                    return Err(AttnError::Unsupported {
+                        what: format!("{} on {}", variant.name(), self.name),
+                        why: format!("no cluster of {cluster} CTAs of it fits on the GPU"),
+                    })
+                }
+                n => n,
+            }
         } else {
-            0
+            self.sm_count
         };
-        let loaded = Arc::new(Loaded { main, preprocess, convert, clusters });
+        let loaded = Arc::new(Loaded { main, preprocess, convert, resident });
         self.loaded.lock().unwrap().insert(variant, loaded.clone());
         Ok(loaded)
     }
@@ -375,63 +384,54 @@ impl Gpu {
         (p.o_batch, p.o_row, p.o_head) = strides3(&out.strides);
         p.lse = lse.device_ptr_mut(&self.stream).0;
         let m_blocks = plan_max(&plan.len_q).div_ceil(variant.block_m()).max(1);
-        let mut cfg = LaunchConfig {
-            grid_dim: (m_blocks as u32, plan.heads_q as u32, plan.batch as u32),
-            block_dim: (variant.threads(), 1, 1),
-            shared_mem_bytes: variant.smem_bytes() as u32,
-        };
-        let mut launch = self.stream.launch_builder(&loaded.main);
-        launch.arg(&p);
-        let (maps, mut counter, group_heads);
-        let cluster = variant.cluster();
         if variant.family == Family::Hopper {
-            // Persistent: one CTA per SM takes tiles from the counter, or clusters as many as fit take their
-            // share of the tile list (an entry is a query block per CTA of the cluster).
+            // Persistent: as many CTAs as run at once take entries of the tile list (an entry is a query block per
+            // CTA of a cluster), from a counter or, in clusters, a static share.
+            let cluster = variant.cluster();
             let tiles = m_blocks.div_ceil(cluster) * plan.heads_q * plan.batch;
-            cfg.grid_dim = if cluster > 1 {
-                if loaded.clusters == 0 {
-                    return Err(AttnError::Cuda(format!("no cluster of {cluster} forward CTAs fits on {}", self.name)));
-                }
-                ((tiles.min(loaded.clusters) * cluster) as u32, 1, 1)
-            } else {
-                (tiles.min(self.sm_count) as u32, 1, 1)
-            };
             let (m, n) = (variant.block_m(), variant.hopper_tiles().block_n);
-            maps = [
+            let maps = [
                 self.tensor_map(&plan, q, Side::Query, m)?,
                 self.tensor_map(&plan, k, Side::Key, n)?,
                 self.tensor_map(&plan, v, Side::Key, n)?,
                 // O is stored in 16-row boxes, one per consumer warp.
                 self.tensor_map(&plan, out, Side::Query, 16)?,
             ];
-            counter = self.tile_counter.lock().unwrap();
+            let mut counter = self.tile_counter.lock().unwrap();
             self.stream.memset_zeros(&mut *counter).map_err(driver_err("clearing the tile counter"))?;
             // Heads whose K and V (12 MB: a quarter of an H200's L2 cache) are read by the CTAs at once.
             let kv_head_bytes = 4 * plan_max(&plan.len_k).max(1) * plan.head_dim;
             let group = plan.heads_q / plan.heads_kv;
-            group_heads = (((12 << 20) / kv_head_bytes).clamp(1, plan.heads_kv * plan.batch) * group) as i32;
-            if cluster > 1 {
-                // The launch builder takes no clusters: the same arguments, by hand.
-                let (counter_ptr, _record) = counter.device_ptr_mut(&self.stream);
-                let mut args: [*mut std::ffi::c_void; 7] = [
-                    &p as *const AttnParams as _,
-                    &maps[0] as *const _ as _,
-                    &maps[1] as *const _ as _,
-                    &maps[2] as *const _ as _,
-                    &maps[3] as *const _ as _,
-                    &counter_ptr as *const _ as _,
-                    &group_heads as *const _ as _,
-                ];
-                let (grid, block, smem) = (cfg.grid_dim.0, cfg.block_dim.0, cfg.shared_mem_bytes);
-                let geometry = cluster::Geometry { grid, block, smem, cluster: cluster as u32 };
-                self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
-                // SAFETY: the arguments are the kernel's, in order; every pointer is a live buffer sized by the plan.
-                return unsafe { cluster::launch(&loaded.main, &self.stream, geometry, &mut args) };
-            }
-            launch.arg(&maps[0]).arg(&maps[1]).arg(&maps[2]).arg(&maps[3]).arg(&mut *counter).arg(&group_heads);
+            let group_heads = (((12 << 20) / kv_head_bytes).clamp(1, plan.heads_kv * plan.batch) * group) as i32;
+            // The launch builder takes no clusters: the arguments by hand.
+            let (counter_ptr, _record) = counter.device_ptr_mut(&self.stream);
+            let mut args: [*mut std::ffi::c_void; 7] = [
+                &p as *const AttnParams as _,
+                &maps[0] as *const _ as _,
+                &maps[1] as *const _ as _,
+                &maps[2] as *const _ as _,
+                &maps[3] as *const _ as _,
+                &counter_ptr as *const _ as _,
+                &group_heads as *const _ as _,
+            ];
+            let geometry = cluster::Geometry {
+                grid: (tiles.min(loaded.resident) * cluster) as u32,
+                block: variant.threads(),
+                smem: variant.smem_bytes() as u32,
+                cluster: cluster as u32,
+            };
+            self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+            // SAFETY: the arguments are the kernel's, in order; every pointer is a live buffer sized by the plan.
+            return unsafe { cluster::launch(&loaded.main, &self.stream, geometry, &mut args) };
         }
+        let cfg = LaunchConfig {
+            grid_dim: (m_blocks as u32, plan.heads_q as u32, plan.batch as u32),
+            block_dim: (variant.threads(), 1, 1),
+            shared_mem_bytes: variant.smem_bytes() as u32,
+        };
         // SAFETY: the parameters match the kernel's; every pointer is a live buffer sized by the plan.
-        unsafe { launch.launch(cfg) }.map_err(driver_err("launching the forward kernel"))?;
+        unsafe { self.stream.launch_builder(&loaded.main).arg(&p).launch(cfg) }
+            .map_err(driver_err("launching the forward kernel"))?;
         Ok(())
     }
 

@@ -37,9 +37,10 @@ DEVICE void tma_load_multicast(u32 dst, const TmaMap &map, int col, int row, int
 // Clusters: this CTA's rank, a shared-memory address of this CTA as the same offset in the CTA of rank `rank`,
 // an arrival on an mbarrier there, and a barrier of all the cluster's threads (shared memory written before it,
 // by any of them, is visible after it).
+// (Not volatile: the rank is fixed, so the compiler may read it once.)
 DEVICE u32 cluster_rank() {
     u32 r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
     return r;
 }
 DEVICE u32 cluster_addr(u32 addr, u32 rank) {
