@@ -5,7 +5,8 @@
 # torch.jsonl, summary.md, results.json, bench.png; cpu.jsonl and cpu_summary.md for the CPU against PyTorch's;
 # compare.txt and compare.png for the approximations.
 #
-# Environment: STEPS (default "info tests sanitize bench"; also "cpu" and "compare"), SEQLENS, HEAD_DIMS, CASES
+# Environment: STEPS (default "info tests sanitize bench"; also "ab" (needs ./stage/flashattn-before), "cpu"
+# and "compare"), SEQLENS, HEAD_DIMS, CASES
 # (property-test cases), MIN_TIME, COMPARE_SEQLENS.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -48,6 +49,8 @@ if step tests; then
     echo "== GPU tests"
     {
         FLASHATTN_TEST_CASES=$CASES ./stage/tests/cuda_flash 2>&1
+        echo "== the borrowed device API (caller streams, CUDA graphs, two streams at once, bad views)"
+        ./stage/tests/cuda_device_api 2>&1
         echo "== GPU tests with the portable family (the Hopper family is the default on sm_90)"
         FLASHATTN_GPU_KERNELS=portable FLASHATTN_TEST_CASES=$CASES ./stage/tests/cuda_flash 2>&1
         echo "== CPU tests on this machine's CPU"
@@ -71,6 +74,11 @@ if step sanitize; then
                 done
             done
         done
+        for tool in memcheck racecheck; do
+            echo "-- borrowed API: graph capture and two streams, $tool"
+            compute-sanitizer --tool $tool --error-exitcode 9 ./stage/tests/cuda_device_api gpu_graph gpu_two_streams 2>&1 | tail -4
+            echo "exit ${PIPESTATUS[0]}"
+        done
     } | tee "$OUT/sanitizer.txt"
 fi
 
@@ -84,6 +92,21 @@ if step bench; then
     PYTHONUNBUFFERED=1 python3 scripts/sdpa_bench.py --head-dims "$HEAD_DIMS" --seqlens "$SEQLENS" > "$OUT/torch.jsonl"
     python3 scripts/compare.py "$OUT/ours.jsonl" "$OUT/torch.jsonl" --out "$OUT"
     cat "$OUT/summary.md"
+fi
+
+if step ab; then
+    # The same sweep with a second build (./stage/flashattn-before), alternating builds per head dim and mask so
+    # that drift in the GPU's clocks falls on both alike.
+    echo "== A/B: ./stage/flashattn-before (A) against ./stage/flashattn (B)"
+    : > "$OUT/a.jsonl"
+    : > "$OUT/b.jsonl"
+    for d in ${HEAD_DIMS//,/ }; do
+        for causal in "" "--causal"; do
+            ./stage/flashattn-before bench --device cuda --dtype bf16 --head-dim "$d" --seqlen "$SEQLENS" --min-time "$MIN_TIME" $causal --json >> "$OUT/a.jsonl"
+            $FA bench --device cuda --dtype bf16 --head-dim "$d" --seqlen "$SEQLENS" --min-time "$MIN_TIME" $causal --json >> "$OUT/b.jsonl"
+        done
+    done
+    python3 scripts/ab_compare.py "$OUT/a.jsonl" "$OUT/b.jsonl" | tee "$OUT/ab.md"
 fi
 
 if step cpu; then

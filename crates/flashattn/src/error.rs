@@ -41,6 +41,18 @@ pub enum AttnError {
     #[error("CUDA: {0}")]
     Cuda(String),
 
+    /// A device address a call cannot use: null, misaligned, not device memory, or on another GPU.
+    #[error("{tensor}: {problem}")]
+    Pointer { tensor: &'static str, problem: String },
+
+    /// An output whose memory overlaps an input or another output.
+    #[error("{output} overlaps {other} in device memory: outputs must not alias the tensors of the same call")]
+    Overlap { output: &'static str, other: &'static str },
+
+    /// A caller-supplied workspace smaller than the call needs.
+    #[error("workspace: the call needs {needed} bytes, {given} were given")]
+    Workspace { needed: usize, given: usize },
+
     /// Not enough memory for a buffer the method needs.
     #[error("out of memory: {what} needs {bytes} bytes")]
     OutOfMemory { what: String, bytes: usize },

@@ -87,6 +87,16 @@ impl AttnOptions {
     }
 }
 
+/// How the sequences of a batch are given.
+enum Seqs<'a> {
+    /// A dense batch: every sequence has the tensors' lengths.
+    Dense,
+    /// Variable lengths from offsets on the host.
+    Host(&'a VarLen),
+    /// Variable lengths from offsets on the device, known to the host only by their maxima.
+    Device { batch: usize, max_q: usize, max_k: usize },
+}
+
 /// Where one tensor's sequences live: element offset of each sequence's first token, and the token and head
 /// strides (the head dimension is contiguous).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +128,21 @@ pub(crate) struct MaskSpec {
     pub softcap: Option<f32>,
     /// Per (seq, head_q) slope, laid out seq-major; empty when ALiBi is off.
     pub alibi: Vec<f32>,
+    /// ALiBi slopes given on the device instead (GPU calls): `alibi` is then empty.
+    pub alibi_on_device: bool,
     pub scale: f32,
+}
+
+impl MaskSpec {
+    /// Whether some query sees fewer than all keys: a causal mask or a window.
+    pub fn masked(&self) -> bool {
+        self.causal || self.left.is_some() || self.right.is_some()
+    }
+
+    /// Whether scores are transformed beyond the scale: softcap, ALiBi or a non-positive scale.
+    pub fn modifies_scores(&self) -> bool {
+        self.softcap.is_some() || !self.alibi.is_empty() || self.alibi_on_device || self.scale <= 0.0
+    }
 }
 
 /// A validated problem: shapes, where every tensor's elements live, and the resolved options.
@@ -158,7 +182,43 @@ impl Plan {
         opts: &AttnOptions,
         dtype: DType,
     ) -> Result<Plan> {
-        let varlen = opts.varlen.is_some();
+        let seqs = match &opts.varlen {
+            Some(vl) => Seqs::Host(vl),
+            None => Seqs::Dense,
+        };
+        Plan::build(q, k, v, opts, dtype, seqs)
+    }
+
+    /// The plan of a GPU call whose variable-length offsets (and ALiBi slopes, `alibi_on_device`) live on the
+    /// device: `varlen` is (batch, max_seqlen_q, max_seqlen_k). Each sequence's lengths are then known only as
+    /// those maxima, and the per-sequence accesses are unset: only the GPU launches read such a plan.
+    pub(crate) fn for_device(
+        q: &impl TensorLayout,
+        k: &impl TensorLayout,
+        v: &impl TensorLayout,
+        opts: &AttnOptions,
+        dtype: DType,
+        varlen: Option<(usize, usize, usize)>,
+        alibi_on_device: bool,
+    ) -> Result<Plan> {
+        let seqs = match varlen {
+            Some((batch, max_q, max_k)) => Seqs::Device { batch, max_q, max_k },
+            None => Seqs::Dense,
+        };
+        let mut plan = Plan::build(q, k, v, opts, dtype, seqs)?;
+        plan.mask.alibi_on_device = alibi_on_device;
+        Ok(plan)
+    }
+
+    fn build(
+        q: &impl TensorLayout,
+        k: &impl TensorLayout,
+        v: &impl TensorLayout,
+        opts: &AttnOptions,
+        dtype: DType,
+        seqs: Seqs,
+    ) -> Result<Plan> {
+        let varlen = !matches!(seqs, Seqs::Dense);
         let rank = if varlen { 3 } else { 4 };
         let layout = if varlen {
             "(total_tokens, heads, head_dim) for a variable-length batch"
@@ -192,9 +252,29 @@ impl Plan {
         // A sequence's first element sits at units[seq] * strides[0]: the sequence index for dense batches, its
         // first token for variable-length ones.
         let (batch, len_q, len_k, units_q, units_k, lse, lse_len);
-        if let Some(vl) = &opts.varlen {
-            let starts_q = cu_seqlens("cu_seqlens_q", &vl.cu_seqlens_q, q.shape()[0])?;
-            let starts_k = cu_seqlens("cu_seqlens_k", &vl.cu_seqlens_k, k.shape()[0])?;
+        if let Seqs::Device { batch: b, max_q, max_k } = seqs {
+            let (total_q, total_k) = (q.shape()[0], k.shape()[0]);
+            if b == 0 {
+                return Err(AttnError::CuSeqlens {
+                    name: "cu_seqlens_q",
+                    problem: "expected batch + 1 >= 2 offsets".into(),
+                });
+            }
+            for (name, max, total) in [("max_seqlen_q", max_q, total_q), ("max_seqlen_k", max_k, total_k)] {
+                if max > total {
+                    return Err(AttnError::option(name, format!("at most the {total} tokens of the batch"), max));
+                }
+            }
+            batch = b;
+            len_q = vec![max_q; b];
+            len_k = vec![max_k; b];
+            units_q = vec![0; b];
+            units_k = vec![0; b];
+            lse = Access { seq_base: units_q.clone(), token: 1, head: total_q };
+            lse_len = heads_q * total_q;
+        } else if let Seqs::Host(vl) = seqs {
+            let starts_q = validate_cu_seqlens("cu_seqlens_q", &vl.cu_seqlens_q, q.shape()[0])?;
+            let starts_k = validate_cu_seqlens("cu_seqlens_k", &vl.cu_seqlens_k, k.shape()[0])?;
             same(
                 "batch (cu_seqlens length - 1)",
                 ("cu_seqlens_q", starts_q.len() - 1),
@@ -397,7 +477,7 @@ fn check_strides(name: &'static str, t: &(impl TensorLayout + ?Sized)) -> Result
 }
 
 /// Validates cumulative offsets and returns them as start positions (length batch + 1).
-fn cu_seqlens(name: &'static str, cu: &[i32], total: usize) -> Result<Vec<usize>> {
+pub(crate) fn validate_cu_seqlens(name: &'static str, cu: &[i32], total: usize) -> Result<Vec<usize>> {
     if cu.len() < 2 {
         return Err(AttnError::CuSeqlens {
             name,
@@ -449,5 +529,13 @@ fn mask_spec(opts: &AttnOptions, batch: usize, heads_q: usize, d: usize) -> Resu
         return Err(AttnError::option("alibi_slopes", "finite slopes", x));
     }
     let right = if opts.causal { Some(0) } else { opts.window.right };
-    Ok(MaskSpec { causal: opts.causal, left: opts.window.left, right, softcap: opts.softcap, alibi, scale })
+    Ok(MaskSpec {
+        causal: opts.causal,
+        left: opts.window.left,
+        right,
+        softcap: opts.softcap,
+        alibi,
+        alibi_on_device: false,
+        scale,
+    })
 }

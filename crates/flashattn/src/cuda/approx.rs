@@ -242,7 +242,7 @@ impl Gpu {
         out: &mut DeviceTensor,
     ) -> Result<()> {
         let plan = self.approx_plan(q, k, v, opts, method)?;
-        super::check_output("out", out, plan.q_shape(), plan.dtype())?;
+        super::checks::owned_output("out", out, plan.q_shape(), plan.dtype())?;
         let ctx = Ctx::new(self, &plan, if plan.mask.causal { CHUNK } else { 1 })?;
         let inp = self.approx_inputs(&ctx, (q, k, v), None)?;
         let produced = run(&ctx, &inp, method)?;
@@ -263,10 +263,10 @@ impl Gpu {
         (dq, dk, dv): (&mut DeviceTensor, &mut DeviceTensor, &mut DeviceTensor),
     ) -> Result<()> {
         let plan = self.approx_plan(q, k, v, opts, method)?;
-        super::check_like_q(&plan, "dout", dout)?;
-        super::check_output("dq", dq, plan.q_shape(), plan.dtype())?;
-        super::check_output("dk", dk, plan.kv_shape(), plan.dtype())?;
-        super::check_output("dv", dv, plan.kv_shape(), plan.dtype())?;
+        super::checks::owned_like_q(&plan, "dout", dout)?;
+        super::checks::owned_output("dq", dq, plan.q_shape(), plan.dtype())?;
+        super::checks::owned_output("dk", dk, plan.kv_shape(), plan.dtype())?;
+        super::checks::owned_output("dv", dv, plan.kv_shape(), plan.dtype())?;
         let ctx = Ctx::new(self, &plan, if plan.mask.causal { CHUNK } else { 1 })?;
         let inp = self.approx_inputs(&ctx, (q, k, v), Some(dout))?;
         let produced = run(&ctx, &inp, method)?;
@@ -300,7 +300,7 @@ impl Gpu {
         }
         let plan = approx::plan(q, k, v, opts, method, q.dtype)?;
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
-            super::check_aligned(name, t)?;
+            super::checks::owned_aligned(name, t)?;
         }
         if plan.mask.causal && plan.len_q[0] != plan.len_k[0] {
             return Err(AttnError::Unsupported {
@@ -331,7 +331,7 @@ impl Gpu {
 }
 
 /// Linformer's projections on the device, with what they were drawn for.
-pub(super) struct CachedProjections {
+pub(crate) struct CachedProjections {
     key: (usize, usize, Projection, u64),
     ef: Arc<[CudaSlice<f32>; 2]>,
 }

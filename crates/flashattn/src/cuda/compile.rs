@@ -20,8 +20,17 @@ pub struct Compiled {
 
 /// Whether the NVRTC library can be loaded.
 pub fn nvrtc_present() -> bool {
+    #[cfg(feature = "dynamic-loading")]
     // SAFETY: only probes whether the shared library opens.
-    unsafe { nv::is_culib_present() }
+    return unsafe { nv::is_culib_present() };
+    #[cfg(not(feature = "dynamic-loading"))]
+    super::gpu::library_present(&[
+        "libnvrtc.so.13",
+        "libnvrtc.so.12",
+        "libnvrtc.so",
+        "nvrtc64_130_0.dll",
+        "nvrtc64_120_0.dll",
+    ])
 }
 
 /// The NVRTC version, (major, minor).

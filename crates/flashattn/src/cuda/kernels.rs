@@ -1,6 +1,7 @@
 //! The kernel variants: the portable family (sm_80+) and the Hopper family (sm_90a), each with a forward and a
 //! backward: which source, which defines, which tiles.
 
+use super::tuning::{extra_defines, tile_override, Tuned};
 use crate::dtype::DType;
 use crate::error::{AttnError, Result};
 
@@ -142,42 +143,6 @@ fn hopper_bwd_block_m(hdim: usize) -> usize {
 }
 const HOPPER_BWD_BLOCK_N: usize = 128;
 const HOPPER_BWD_STAGES: usize = 2;
-
-/// Tile overrides for kernel tuning, from the environment (every variant of the family takes them; unset in
-/// normal use): `FLASHATTN_FWD_TILES=block_m,block_n,sub_n,warps,s_unroll`,
-/// `FLASHATTN_BWD_TILES=block_m,sub_m,warps,warps_d`, `FLASHATTN_SM90_TILES=consumers,block_n,stages[,cluster]` and
-/// `FLASHATTN_SM90_BWD_TILES=block_m`.
-/// Read once per process: a loaded kernel must be launched with the geometry it was compiled for.
-fn tile_override(family: Tuned) -> Option<&'static [usize]> {
-    const VARS: [&str; 4] =
-        ["FLASHATTN_FWD_TILES", "FLASHATTN_BWD_TILES", "FLASHATTN_SM90_TILES", "FLASHATTN_SM90_BWD_TILES"];
-    static OVERRIDES: std::sync::OnceLock<Vec<Option<Vec<usize>>>> = std::sync::OnceLock::new();
-    let read = |var: &str| -> Option<Vec<usize>> {
-        let v: Vec<usize> = std::env::var(var).ok()?.split(',').filter_map(|x| x.trim().parse().ok()).collect();
-        (!v.is_empty()).then_some(v)
-    };
-    OVERRIDES.get_or_init(|| VARS.iter().map(|v| read(v)).collect())[family as usize].as_deref()
-}
-
-/// The kernels a tile override applies to (in the order of `tile_override`'s variables).
-#[derive(Clone, Copy)]
-enum Tuned {
-    PortableForward,
-    PortableBackward,
-    HopperForward,
-    HopperBackward,
-}
-
-/// Extra NVRTC defines for kernel experiments, from `FLASHATTN_KERNEL_DEFINES` (space-separated `NAME` or
-/// `NAME=VALUE`, passed to every variant as `-DNAME...`; unset in normal use). They are part of the options, so
-/// of the kernel cache's key. Read once per process.
-fn extra_defines() -> &'static [String] {
-    static DEFINES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    DEFINES.get_or_init(|| {
-        let v = std::env::var("FLASHATTN_KERNEL_DEFINES").unwrap_or_default();
-        v.split_whitespace().map(|d| format!("-D{d}")).collect()
-    })
-}
 
 /// The define that selects the element type.
 pub fn elem_define(dtype: DType) -> String {

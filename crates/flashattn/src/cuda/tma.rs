@@ -1,7 +1,10 @@
 //! Tensor maps for Hopper's copy engine (TMA): how a kernel finds a tile of a tensor in global memory.
 
+use super::params::strides3;
+use super::tensor::DeviceView;
 use crate::dtype::DType;
 use crate::error::{AttnError, Result};
+use crate::problem::Plan;
 use cudarc::driver::sys;
 
 /// A CUtensorMap (128 bytes, 64-byte aligned), passed to kernels by value.
@@ -74,4 +77,45 @@ pub(crate) fn tile_map(t: &Layout, elem: Elem, box_rows: usize) -> Result<TmaMap
     }
     // SAFETY: the driver initialized the map; CUtensorMap is 128 plain bytes.
     Ok(unsafe { std::mem::transmute::<sys::CUtensorMap, TmaMap>(map.assume_init()) })
+}
+
+/// Which side of attention a tensor is on: its heads and sequence lengths are the queries' or the keys'.
+#[derive(Clone, Copy)]
+pub(crate) enum Side {
+    Query,
+    Key,
+}
+
+/// Where the rows of a (batch, rows, heads, head_dim) tensor on `side` lie, as a map sees them: per batch for
+/// dense batches, all `varlen_tokens` as one batch for variable-length ones.
+fn layout(
+    plan: &Plan,
+    side: Side,
+    ptr: u64,
+    varlen_tokens: usize,
+    head_dim: usize,
+    strides: (i64, i64, i64),
+) -> Layout {
+    let (heads, lens) = match side {
+        Side::Query => (plan.heads_q, &plan.len_q),
+        Side::Key => (plan.heads_kv, &plan.len_k),
+    };
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let (rows, batch) = if plan.varlen { (varlen_tokens, 1) } else { (longest, plan.batch) };
+    // A map cannot have an empty dimension; with no rows no copy is issued.
+    Layout { ptr, head_dim, rows: rows.max(1), heads, batch, strides }
+}
+
+/// The map of a query-side (q, o, dout) or key-side (k, v) tensor, read in boxes of `box_rows` rows.
+pub(crate) fn tensor_map(plan: &Plan, t: &DeviceView, side: Side, box_rows: usize) -> Result<TmaMap> {
+    let layout = layout(plan, side, t.ptr, t.shape[0], plan.head_dim, strides3(&t.strides));
+    tile_map(&layout, Elem::Half(plan.dtype()), box_rows)
+}
+
+/// The map of the backward's f32 dQ accumulator at `ptr`, (token, head_q, hdim), for reductions of 16-row boxes.
+pub(crate) fn dq_accum_map(plan: &Plan, ptr: u64, tokens: usize, hdim: usize) -> Result<TmaMap> {
+    let row = (plan.heads_q * hdim) as i64;
+    let longest = plan.len_q.iter().copied().max().unwrap_or(0);
+    let strides = (row * longest as i64, row, hdim as i64);
+    tile_map(&layout(plan, Side::Query, ptr, tokens, hdim, strides), Elem::F32, 16)
 }

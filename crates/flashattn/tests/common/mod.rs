@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use flashattn::reference::{self, Precision};
+use flashattn::tensor::contiguous_strides;
 use flashattn::{AttnOptions, Backend, DType, Element, Plan, TensorRef};
 use half::{bf16, f16};
 use proptest::prelude::*;
@@ -259,42 +260,54 @@ fn check_typed<T: Element>(case: &Case, backend: Backend, with_backward: bool) -
     let (q, k, v) = (inp.q.view(), inp.k.view(), inp.v.view());
     let opts = case.options();
     let plan = Plan::new(&q, &k, &v, &opts, T::DTYPE).map_err(|e| TestCaseError::fail(format!("{e}")))?;
-    let oracle = reference::forward(&plan, &q, &k, &v, Precision::F64);
-    let standard = reference::forward(&plan, &q, &k, &v, Precision::Native);
-
     // Poisoned outputs: an element the kernel forgets stays NaN and fails the comparison.
     let mut out = vec![T::from_f32(f32::NAN); plan.q_numel()];
     let mut lse = vec![f32::NAN; plan.lse_len()];
     flashattn::forward_into(&q, &k, &v, &opts, backend, &mut out, &mut lse)
         .map_err(|e| TestCaseError::fail(format!("{e}")))?;
-    let out64: Vec<f64> = out.iter().map(|x| x.to_f32() as f64).collect();
-    let lse64: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
-    let s = slack(T::DTYPE);
-    check_close("out", case, &out64, &oracle.out, &standard.out, 2.0, s, max_abs(&oracle.out))?;
-    check_close("lse", case, &lse64, &oracle.lse, &standard.lse, 2.0, 1e-6, max_abs(&oracle.lse))?;
     if !with_backward {
-        return Ok(());
+        return check_outputs(case, &inp, &out, &lse, None);
     }
     // The backward consumes our own forward's o and lse, as a training step would.
-    let o = Stored {
-        data: out,
-        shape: plan.q_shape().to_vec(),
-        strides: flashattn::tensor::contiguous_strides(plan.q_shape()),
-    };
+    let o = Stored { data: out.clone(), shape: plan.q_shape().to_vec(), strides: contiguous_strides(plan.q_shape()) };
     let dout = inp.dout.view();
-    let oracle_g = reference::backward(&plan, &q, &k, &v, &dout, Precision::F64);
-    let standard_g = reference::backward(&plan, &q, &k, &v, &dout, Precision::Native);
     let mut dq = vec![T::from_f32(f32::NAN); plan.q_numel()];
     let mut dk = vec![T::from_f32(f32::NAN); plan.kv_numel()];
     let mut dv = vec![T::from_f32(f32::NAN); plan.kv_numel()];
     flashattn::backward_into(&q, &k, &v, &o.view(), &lse, &dout, &opts, backend, (&mut dq, &mut dk, &mut dv))
         .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+    check_outputs(case, &inp, &out, &lse, Some((&dq, &dk, &dv)))
+}
+
+/// Checks a forward's o and lse (and a backward's dq, dk, dv, computed from that o and lse) for `case`'s
+/// inputs against the f64 oracle, with standard attention in T as the yardstick.
+pub fn check_outputs<T: Element>(
+    case: &Case,
+    inp: &Inputs<T>,
+    out: &[T],
+    lse: &[f32],
+    grads: Option<(&[T], &[T], &[T])>,
+) -> Result<(), TestCaseError> {
+    let (q, k, v) = (inp.q.view(), inp.k.view(), inp.v.view());
+    let opts = case.options();
+    let plan = Plan::new(&q, &k, &v, &opts, T::DTYPE).map_err(|e| TestCaseError::fail(format!("{e}")))?;
+    let oracle = reference::forward(&plan, &q, &k, &v, Precision::F64);
+    let standard = reference::forward(&plan, &q, &k, &v, Precision::Native);
+    let out64: Vec<f64> = out.iter().map(|x| x.to_f32() as f64).collect();
+    let lse64: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
+    let s = slack(T::DTYPE);
+    check_close("out", case, &out64, &oracle.out, &standard.out, 2.0, s, max_abs(&oracle.out))?;
+    check_close("lse", case, &lse64, &oracle.lse, &standard.lse, 2.0, 1e-6, max_abs(&oracle.lse))?;
+    let Some((dq, dk, dv)) = grads else { return Ok(()) };
+    let dout = inp.dout.view();
+    let oracle_g = reference::backward(&plan, &q, &k, &v, &dout, Precision::F64);
+    let standard_g = reference::backward(&plan, &q, &k, &v, &dout, Precision::Native);
     let f = |x: &[T]| x.iter().map(|x| x.to_f32() as f64).collect::<Vec<f64>>();
     // Gradients are sums of terms as large as the largest gradient; cancellation leaves rounding of that size.
     let mag = max_abs(&oracle_g.dq).max(max_abs(&oracle_g.dk)).max(max_abs(&oracle_g.dv));
-    check_close("dq", case, &f(&dq), &oracle_g.dq, &standard_g.dq, 3.0, s, mag)?;
-    check_close("dk", case, &f(&dk), &oracle_g.dk, &standard_g.dk, 3.0, s, mag)?;
-    check_close("dv", case, &f(&dv), &oracle_g.dv, &standard_g.dv, 3.0, s, mag)?;
+    check_close("dq", case, &f(dq), &oracle_g.dq, &standard_g.dq, 3.0, s, mag)?;
+    check_close("dk", case, &f(dk), &oracle_g.dk, &standard_g.dk, 3.0, s, mag)?;
+    check_close("dv", case, &f(dv), &oracle_g.dv, &standard_g.dv, 3.0, s, mag)?;
     Ok(())
 }
 

@@ -1,0 +1,89 @@
+//! NVRTC compilation units (a kernel variant, or an auxiliary module for one element type), and the checks that
+//! compile all of them without a GPU: the report of `flashattn kernels` and the cache warm-up.
+
+use super::compile;
+use super::kernels::{self, Variant};
+use crate::dtype::DType;
+use crate::error::Result;
+
+/// One NVRTC compilation.
+pub(crate) struct Unit {
+    pub name: String,
+    pub source: String,
+    pub defines: Vec<String>,
+    /// An architecture-specific target ("sm_90a") instead of the GPU's own.
+    target: Option<&'static str>,
+    /// The attention kernel of a variant (held to no spills); None for auxiliary modules.
+    main: Option<&'static str>,
+}
+
+impl Unit {
+    pub fn variant(v: &Variant) -> Self {
+        Unit {
+            name: v.name(),
+            source: v.source(),
+            defines: v.defines(),
+            target: v.target_arch(),
+            main: Some(v.kernel_name()),
+        }
+    }
+
+    pub fn aux(name: &str, source: &str, dtype: DType) -> Self {
+        Unit {
+            name: format!("{name}-{dtype}"),
+            source: format!("{}\n{source}", kernels::COMMON),
+            defines: vec![kernels::elem_define(dtype), "-DHDIM=32".to_string()],
+            target: None,
+            main: None,
+        }
+    }
+
+    pub fn arch<'a>(&'a self, gpu_arch: &'a str) -> &'a str {
+        self.target.unwrap_or(gpu_arch)
+    }
+
+    /// Every unit a GPU of `arch` may load.
+    fn all(arch: &str) -> Vec<Unit> {
+        let mut units: Vec<Unit> = Variant::all(arch).iter().map(Unit::variant).collect();
+        units.extend([DType::BF16, DType::F16].map(|dtype| Unit::aux("approx", super::approx::SOURCE, dtype)));
+        units
+    }
+}
+
+/// One compiled unit's report: its name, the architecture it was compiled for, its attention kernel (None for
+/// auxiliary modules) and ptxas' resources for each of its kernels.
+pub struct UnitReport<'a> {
+    pub name: &'a str,
+    pub arch: &'a str,
+    pub main: Option<&'static str>,
+    pub resources: Vec<compile::Resources>,
+}
+
+/// Compiles every kernel unit for `arch` (no GPU needed), in parallel, with ptxas' resource report; calls
+/// `on_unit` in order with each unit's report. Errors on a failed compilation.
+pub fn check_kernels(arch: &str, mut on_unit: impl FnMut(UnitReport)) -> Result<()> {
+    use rayon::prelude::*;
+    let units = Unit::all(arch);
+    let reports: Vec<Result<Vec<compile::Resources>>> = units
+        .par_iter()
+        .map(|u| {
+            compile::compile(&u.name, &u.source, u.arch(arch), &u.defines, true)
+                .map(|c| compile::parse_resources(&c.log))
+        })
+        .collect();
+    for (u, r) in units.iter().zip(reports) {
+        on_unit(UnitReport { name: &u.name, arch: u.arch(arch), main: u.main, resources: r? });
+    }
+    Ok(())
+}
+
+/// Compiles every kernel unit for `arch` into the disk cache, in parallel; returns how many were compiled (the
+/// rest were cached already).
+pub fn warm_cache(arch: &str) -> Result<usize> {
+    use rayon::prelude::*;
+    let compiled: Result<Vec<bool>> = Unit::all(arch)
+        .par_iter()
+        .map(|u| compile::compile(&u.name, &u.source, u.arch(arch), &u.defines, false).map(|c| !c.cached))
+        .collect();
+    Ok(compiled?.into_iter().filter(|&fresh| fresh).count())
+}
