@@ -30,10 +30,12 @@ struct Dev {
 }
 
 /// Row-major strides with 8 elements of padding after every dimension but the last.
+/// (`FLASHATTN_TEST_UNPADDED=1`: no padding, for comparing a run against contiguous inputs.)
 fn padded_strides(shape: &[usize]) -> Vec<usize> {
+    let pad = if std::env::var("FLASHATTN_TEST_UNPADDED").is_ok_and(|v| v == "1") { 0 } else { 8 };
     let mut strides = vec![1; shape.len()];
     for i in (0..shape.len() - 1).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1] + 8;
+        strides[i] = strides[i + 1] * shape[i + 1] + pad;
     }
     strides
 }
