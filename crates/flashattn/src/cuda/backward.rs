@@ -63,6 +63,16 @@ impl Gpu {
         args: &BackwardArgs,
         workspace: Option<Workspace>,
     ) -> Result<()> {
+        self.run_backward(stream, args, workspace).map(|_| ())
+    }
+
+    /// `launch_backward`, returning the bytes of scratch the call used.
+    pub(crate) fn run_backward(
+        &self,
+        stream: &Arc<CudaStream>,
+        args: &BackwardArgs,
+        workspace: Option<Workspace>,
+    ) -> Result<usize> {
         checks::stream_of(self, stream)?;
         let call = self.check_call((args.q, args.k, args.v), args.opts, &args.device, Pass::Backward)?;
         let (plan, variant) = (&call.plan, call.variant);
@@ -154,6 +164,6 @@ impl Gpu {
         unsafe { stream.launch_builder(loaded.convert.as_ref().unwrap()).arg(&pc).arg(&rows).launch(conv) }
             .map_err(driver_err("launching the dq conversion"))?;
         drop(scratch);
-        Ok(())
+        Ok(layout.bytes)
     }
 }

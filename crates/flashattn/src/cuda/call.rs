@@ -68,7 +68,7 @@ pub struct BackwardArgs<'a> {
 
 /// A call past its shared checks: the plan, the kernel variant, q, k and v checked, and the parameter block
 /// with the inputs' addresses and layouts filled in.
-pub(crate) struct Checkedcall<'a> {
+pub(crate) struct CheckedCall<'a> {
     pub plan: Plan,
     pub variant: Variant,
     pub qkv: [Checked<'a>; 3],
@@ -84,7 +84,7 @@ impl Gpu {
         opts: &AttnOptions,
         device: &DeviceInputs<'a>,
         pass: Pass,
-    ) -> Result<Checkedcall<'a>> {
+    ) -> Result<CheckedCall<'a>> {
         for (set, name) in [(opts.varlen.is_some(), "varlen"), (opts.alibi_slopes.is_some(), "alibi_slopes")] {
             if set {
                 return Err(AttnError::Unsupported {
@@ -157,7 +157,7 @@ impl Gpu {
         }
         params.alibi = device.alibi_slopes.map_or(0, |s| s.ptr);
         params.alibi_batch_stride = alibi_batch_stride;
-        Ok(Checkedcall { plan, variant, qkv, extras, params })
+        Ok(CheckedCall { plan, variant, qkv, extras, params })
     }
 
     /// The debugging check of device offsets (`FLASHATTN_CHECK_DEVICE_INPUTS=1`): copied back and validated.

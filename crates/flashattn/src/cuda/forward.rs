@@ -38,6 +38,16 @@ impl Gpu {
         args: &ForwardArgs,
         workspace: Option<Workspace>,
     ) -> Result<()> {
+        self.run_forward(stream, args, workspace).map(|_| ())
+    }
+
+    /// `launch_forward`, returning the bytes of scratch the call used.
+    pub(crate) fn run_forward(
+        &self,
+        stream: &Arc<CudaStream>,
+        args: &ForwardArgs,
+        workspace: Option<Workspace>,
+    ) -> Result<usize> {
         checks::stream_of(self, stream)?;
         let call = self.check_call((args.q, args.k, args.v), args.opts, &args.device, Pass::Forward)?;
         let (plan, variant) = (&call.plan, call.variant);
@@ -50,7 +60,8 @@ impl Gpu {
         inputs.extend(call.extras.iter().map(|c| ("a device input", c)));
         checks::no_overlap(&[("out", &out), ("lse", &lse)], &inputs)?;
         let loaded = self.load(variant)?;
-        let scratch = self.scratch(stream, workspace, forward_scratch(variant.family))?;
+        let bytes = forward_scratch(variant.family);
+        let scratch = self.scratch(stream, workspace, bytes)?;
 
         let mut p = call.params;
         p.out = args.out.ptr;
@@ -67,7 +78,7 @@ impl Gpu {
             };
             // SAFETY: the parameters match the kernel's; every pointer was checked to cover what the plan reads.
             return unsafe { stream.launch_builder(&loaded.main).arg(&p).launch(cfg) }
-                .map(|_| ())
+                .map(|_| bytes)
                 .map_err(driver_err("launching the forward kernel"));
         }
         // Persistent: as many CTAs as run at once take entries of the tile list (an entry is a query block per
@@ -109,7 +120,7 @@ impl Gpu {
         // reads and writes, and the counter lies in the call's scratch, alive until the launch is queued.
         let launched = unsafe { cluster::launch(&loaded.main, stream, geometry, &mut args) };
         drop(scratch);
-        launched
+        launched.map(|_| bytes)
     }
 }
 

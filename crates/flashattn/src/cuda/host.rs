@@ -117,9 +117,9 @@ impl Gpu {
         let lv = view_of(lse, DeviceDType::F32, &plan.lse_shape());
         let args =
             ForwardArgs { q: &qv, k: &kv, v: &vv, out: &ov, lse: &lv, opts: &up.opts, device: up.device(&views) };
-        let scratch = self.forward_workspace_bytes(&args)?;
+        let scratch = self.run_forward(&self.stream, &args, None)?;
         self.workspace.store(up.bytes() + scratch, Ordering::Relaxed);
-        self.launch_forward(&self.stream, &args, None)
+        Ok(())
     }
 
     /// Flash backward on owned device tensors, on the library's stream: dq (q's shape), dk and dv (k's shape),
@@ -153,9 +153,9 @@ impl Gpu {
             opts: &up.opts,
             device: up.device(&views),
         };
-        let scratch = self.backward_workspace_bytes(&args)?;
+        let scratch = self.run_backward(&self.stream, &args, None)?;
         self.workspace.store(up.bytes() + scratch, Ordering::Relaxed);
-        self.launch_backward(&self.stream, &args, None)
+        Ok(())
     }
 }
 
