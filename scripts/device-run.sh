@@ -5,9 +5,12 @@
 # torch.jsonl, summary.md, results.json, bench.png; cpu.jsonl and cpu_summary.md for the CPU against PyTorch's;
 # compare.txt and compare.png for the approximations.
 #
-# Environment: STEPS (default "info tests sanitize bench"; also "ab" (needs ./stage/flashattn-before), "cpu"
-# and "compare"), SEQLENS, HEAD_DIMS, CASES
-# (property-test cases), MIN_TIME, COMPARE_SEQLENS.
+# With "python": the Python package's test suite on CUDA tensors (pytest.txt); with "prefill": the model-prefill
+# exercise (prefill.md, prefill.jsonl, prefill.png).
+#
+# Environment: STEPS (default "info tests sanitize bench"; also "ab" (needs ./stage/flashattn-before), "cpu",
+# "compare", "python" and "prefill" (both need ./stage/wheels)), SEQLENS, HEAD_DIMS, CASES (property-test cases),
+# MIN_TIME, COMPARE_SEQLENS, PREFILL_SEQLENS, PREFILL_ARGS.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -130,4 +133,27 @@ if step compare; then
         $FA compare --device cuda --seqlen "${COMPARE_SEQLENS:-1024,2048,4096,8192,16384,32768,65536}" --heads 16 --performer-m 64,256 --min-time 0.2 --causal --plot "$OUT/compare_causal.png"
         $FA compare --device cuda --seqlen 4096 --heads 16 --linformer-k 16,64,256,1024 --performer-m 16,64,256,1024 --scale 0.03 --pass fwd --min-time 0.2
     } 2>&1 | tee "$OUT/compare.txt"
+fi
+
+if step python || step prefill; then
+    # The wheel into a folder of its own (the machine's torch and transformers stay as they are).
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/flashattn-py ./stage/wheels/*.whl
+    export PYTHONPATH=/tmp/flashattn-py:${PYTHONPATH:-}
+    python3 -c 'import flashattn, torch; print("flashattn", flashattn.__version__, "torch", torch.__version__); print(flashattn.info())'
+fi
+
+if step python; then
+    echo "== Python package tests (CUDA and CPU tensors, torch.compile, transformers, SDPA override)"
+    PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider python/tests 2>&1 | tee "$OUT/pytest.txt" | tail -30
+fi
+
+if step prefill; then
+    echo "== the model-prefill exercise"
+    PYTHONUNBUFFERED=1 python3 -m flashattn.prefill --impl eager,sdpa,flashattn --seqlens "${PREFILL_SEQLENS:-512,4096,32768}" \
+        --no-progress --json --plot "$OUT/prefill.png" ${PREFILL_ARGS:---train} > "$OUT/prefill.jsonl"
+    python3 -c '
+import json, sys
+from flashattn import prefill
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(prefill.table(rows, prefill.slopes(rows)))' "$OUT/prefill.jsonl" | tee "$OUT/prefill.md"
 fi

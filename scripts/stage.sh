@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the release CLI and test binaries and stages them, with the device scripts, in ./stage (git-ignored),
-# ready to be carried to a GPU machine that has no Rust toolchain.
+# Builds the release CLI and test binaries, and the Python wheel, and stages them in ./stage (git-ignored), ready
+# to be carried to a GPU machine that has no Rust toolchain. The wheel needs maturin (MATURIN names it; default
+# `python3 -m maturin`); without it the wheel is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf stage
@@ -17,5 +18,11 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "stage/tests/$name"; done
 strip stage/flashattn stage/tests/* 2>/dev/null || true
+# The Python package as an abi3 wheel (one for every Python 3.9+ and every torch).
+if ${MATURIN:-python3 -m maturin} --version >/dev/null 2>&1; then
+    ${MATURIN:-python3 -m maturin} build --release --strip -m python/Cargo.toml -o stage/wheels
+else
+    echo "maturin not found: the Python wheel is not staged" >&2
+fi
 du -sh stage
 ls -la stage stage/tests

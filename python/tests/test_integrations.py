@@ -196,3 +196,21 @@ def test_sdpa_flash_path_runs_flashattn(causal):
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
     for ours, r in zip((q, k, v), leaves):
         torch.testing.assert_close(ours.grad.double(), r.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_prefill_exercise(tmp_path, capsys):
+    """`python -m flashattn.prefill` end to end on a one-layer model: rows for every cell, slopes, a chart."""
+    from flashattn import prefill
+
+    chart = tmp_path / "prefill.png"
+    device = "cuda" if "cuda" in DEVICES else "cpu"
+    argv = ["--impl", "sdpa,flashattn", "--seqlens", "16,32", "--layers", "1", "--min-time", "0", "--max-reps", "1",
+            "--train", "--json", "--no-progress", "--plot", str(chart), "--device", device]
+    assert prefill.main(argv) == 0
+    rows = [__import__("json").loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["impl"], r["seqlen"], r["phase"]) for r in rows} == {
+        (i, n, p) for i in ("sdpa", "flashattn") for n in (16, 32) for p in ("prefill", "train")}
+    assert all(r["ms"] > 0 for r in rows)
+    assert chart.stat().st_size > 0
+    fits = prefill.slopes(rows)
+    assert set(fits) == {(i, p) for i in ("sdpa", "flashattn") for p in ("prefill", "train")}
