@@ -45,7 +45,9 @@ impl Unit {
     /// Every unit a GPU of `arch` may load.
     fn all(arch: &str) -> Vec<Unit> {
         let mut units: Vec<Unit> = Variant::all(arch).iter().map(Unit::variant).collect();
-        units.extend([DType::BF16, DType::F16].map(|dtype| Unit::aux("approx", super::approx::SOURCE, dtype)));
+        for &(name, source) in crate::CUDA_AUX_MODULES {
+            units.extend([DType::BF16, DType::F16].map(|dtype| Unit::aux(name, source, dtype)));
+        }
         units
     }
 }
