@@ -245,8 +245,9 @@ impl Gpu {
         Ok(loaded)
     }
 
-    /// An auxiliary kernel module (common header + `source`) for one element type, compiled once.
-    pub(crate) fn aux_module(&self, name: &'static str, source: &str, dtype: DType) -> Result<Arc<CudaModule>> {
+    /// An auxiliary kernel module (`source`, which may include the kernels' headers) for one element type,
+    /// compiled once.
+    pub(crate) fn aux_module(&self, name: &'static str, source: &'static str, dtype: DType) -> Result<Arc<CudaModule>> {
         if let Some(m) = self.aux.lock().unwrap().get(&(name, dtype)) {
             return Ok(m.clone());
         }

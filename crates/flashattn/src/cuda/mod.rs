@@ -13,7 +13,8 @@
 //! Layout: `gpu` (device, context, module store), `tensor` (views, workspaces, owned buffers), `call` (a call's
 //! arguments and shared checks), `checks` (every argument check), `select` (the kernel decision), `kernels` (a
 //! variant's tiles, defines and sources), `tuning` (every `FLASHATTN_*` override), `forward` and `backward`
-//! (launches), `host` (the owned and host-slice layers), `units` and `compile` (NVRTC and its cache).
+//! (launches), `host` (the owned and host-slice layers), `units` and `compile` (NVRTC, given the kernels' headers
+//! as named headers, and its cache).
 //!
 //! Nothing here knows the approximations: they build on this module (`approx/cuda.rs`), with their kernels as an
 //! auxiliary module (`Gpu::aux_module`) and their state (Linformer's projections) kept on their side.

@@ -10,6 +10,9 @@
 // Defines: BLOCK_M (queries per step), SUB_M (queries per sub-step), NWARPS, WARPS_D (warps sharing a key group,
 // splitting dK/dV columns), DQ_PARTS, IS_MASKED, HAS_MOD.
 
+#include "common.cuh"
+#include "bwd_common.cuh"
+
 #define NTHREADS (NWARPS * 32)
 #define KGROUPS (NWARPS / WARPS_D)
 #define BLOCK_N (16 * KGROUPS)

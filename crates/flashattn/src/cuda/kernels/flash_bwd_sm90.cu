@@ -25,6 +25,11 @@
 // or 128), DQ_N, STAGES, IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_M), WGMMA_RS (N = HDIM) and WGMMA_TT (N = DQ_N,
 // both operands transposed).
 
+#include "common.cuh"
+#include "hopper.cuh"
+#include "wgmma.cuh"
+#include "bwd_common.cuh"
+
 #define NTHREADS 384
 #define KV_BYTES (BLOCK_N * HDIM * 2)
 #define QT_BYTES (BLOCK_M * HDIM * 2)            // a Q or dO tile

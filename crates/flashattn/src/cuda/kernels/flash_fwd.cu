@@ -7,6 +7,8 @@
 //
 // Defines: BLOCK_M, BLOCK_N, SUB_N, NWARPS, IS_MASKED (causal / sliding window), HAS_MOD (softcap / ALiBi).
 
+#include "common.cuh"
+
 #define NTHREADS (NWARPS * 32)
 #define ROWS_W (BLOCK_M / NWARPS)  // query rows per warp
 #define MT (ROWS_W / 16)           // m16 tiles per warp

@@ -22,6 +22,10 @@
 // Q tile), LAZY_RESCALE (see softmax), WAIT_AFTER_SOFTMAX (see the loop), IS_MASKED, HAS_MOD; WGMMA_SS
 // (N = BLOCK_N) and WGMMA_RS (N = HDIM), generated.
 
+#include "common.cuh"
+#include "hopper.cuh"
+#include "wgmma.cuh"
+
 #define BLOCK_M (64 * CONSUMERS)
 #define NTHREADS (128 * (CONSUMERS + 1))
 #define Q_BYTES (BLOCK_M * HDIM * 2)
