@@ -284,7 +284,8 @@ impl Variant {
         }
     }
 
-    /// Dynamic shared memory of the main kernel, in bytes (the layouts of the kernels' shared memory).
+    /// Dynamic shared memory of the main kernel, in bytes (the layouts of the kernels' shared memory), passed to
+    /// them as SMEM_BYTES.
     pub fn smem_bytes(&self) -> usize {
         let row = (self.hdim + 8) * 2; // a portable tile's row, padded by 8 elements
         match (self.family, self.pass) {
@@ -423,6 +424,8 @@ impl Variant {
             format!("-DHDIM={}", self.hdim),
             format!("-DIS_MASKED={}", self.masked as u8),
             format!("-DHAS_MOD={}", self.has_mod as u8),
+            // The kernels static_assert that their layouts fit: a drift from their arithmetic fails to compile.
+            format!("-DSMEM_BYTES={}", self.smem_bytes()),
         ];
         match (self.family, self.pass) {
             (Family::Hopper, Pass::Forward) => {
