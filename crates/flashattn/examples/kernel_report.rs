@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release --example kernel_report -- fwd|bwd HDIM MASKED(0|1) MOD(0|1) ARCH [-DEXTRA=...]`
 //! (ARCH sm_90a: the Hopper family);
-//! `CUBIN_OUT=file.cubin` also writes the cubin (for cuobjdump / nvdisasm), `SOURCE_OUT=file.cu` the source.
+//! `CUBIN_OUT=file.cubin` also writes the cubin (for cuobjdump / nvdisasm), `SOURCE_OUT=file.cu` the source
+//! (and the headers it includes beside it).
 fn main() {
     #[cfg(feature = "cuda")]
     report();
@@ -39,7 +40,12 @@ fn report() {
     }
     defs.extend(args[6..].iter().cloned());
     if let Ok(path) = std::env::var("SOURCE_OUT") {
-        std::fs::write(path, v.source()).unwrap();
+        // The headers beside the source, as its includes name them.
+        let (source, path) = (v.source(), std::path::PathBuf::from(path));
+        std::fs::write(&path, source.main).unwrap();
+        for (name, text) in &source.headers {
+            std::fs::write(path.with_file_name(name), text.as_bytes()).unwrap();
+        }
         println!("defines: {}", defs.join(" "));
     }
     match flashattn::cuda::compile::compile(&v.name(), &v.source(), &args[5], &defs, true) {

@@ -34,6 +34,11 @@ pub use tensor::{TensorLayout, TensorRef};
 use std::fmt;
 use tensor::Qkv;
 
+/// The auxiliary GPU modules beside the attention kernels, by name and source, which `cuda::check_kernels` and
+/// `cuda::warm_cache` compile too: listed here, above both, since their owners build on `cuda`.
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_AUX_MODULES: &[(&str, &str)] = &[("approx", approx::cuda::SOURCE)];
+
 /// Which implementation runs a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

@@ -6,6 +6,8 @@
 //! express (Linformer causal, sliding windows, softcap, ALiBi, variable-length batches) are errors, not silent
 //! approximations. They compute in f32 (f64 for the tests) from f32, f16 or bf16 inputs.
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod linformer;
 pub mod performer;
 
@@ -128,7 +130,7 @@ pub fn forward<T: Element>(
 ) -> Result<Vec<T>> {
     match backend {
         #[cfg(feature = "cuda")]
-        Backend::Cuda(ordinal) => return crate::cuda::approx_forward_host(ordinal, (q, k, v), opts, method),
+        Backend::Cuda(ordinal) => return cuda::approx_forward_host(ordinal, (q, k, v), opts, method),
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda(_) => return Err(AttnError::cuda_off()),
         _ => {}
@@ -154,7 +156,7 @@ pub fn backward<T: Element>(
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     match backend {
         #[cfg(feature = "cuda")]
-        Backend::Cuda(ordinal) => return crate::cuda::approx_backward_host(ordinal, (q, k, v), dout, opts, method),
+        Backend::Cuda(ordinal) => return cuda::approx_backward_host(ordinal, (q, k, v), dout, opts, method),
         #[cfg(not(feature = "cuda"))]
         Backend::Cuda(_) => return Err(AttnError::cuda_off()),
         _ => {}

@@ -1,13 +1,22 @@
 //! Run-time compilation of the embedded CUDA sources with NVRTC, to a cubin for the GPU's exact architecture,
 //! cached on disk so that a second run starts at once.
 //!
-//! The cache key hashes the source, the options, the architecture and the NVRTC version; entries live in
-//! `$XDG_CACHE_HOME/flashattn/kernels` (or `~/.cache/flashattn/kernels`; `FLASHATTN_CACHE_DIR` overrides).
+//! A unit's `#include`s are NVRTC named headers: given with the source, never read from disk. The cache key hashes
+//! the source, every header given (name and text), the options, the architecture and the NVRTC version; entries
+//! live in `$XDG_CACHE_HOME/flashattn/kernels` (or `~/.cache/flashattn/kernels`; `FLASHATTN_CACHE_DIR`
+//! overrides).
 
 use crate::error::{AttnError, Result};
 use cudarc::nvrtc::sys as nv;
+use std::borrow::Cow;
 use std::ffi::{CStr, CString};
 use std::path::PathBuf;
+
+/// A translation unit: the main source and the headers it may `#include`, by the names it includes them by.
+pub struct Source {
+    pub main: &'static str,
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
+}
 
 /// A compiled kernel image and what ptxas reported about it.
 pub struct Compiled {
@@ -65,6 +74,14 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// The cache key of a compilation: everything NVRTC is given, headers included.
+fn cache_key(source: &Source, opts: &[String], nvrtc: &str) -> u64 {
+    let opts = opts.join(" ");
+    let mut parts = vec![source.main.as_bytes(), opts.as_bytes(), nvrtc.as_bytes()];
+    parts.extend(source.headers.iter().flat_map(|(name, text)| [name.as_bytes(), text.as_bytes()]));
+    fnv1a(&parts)
+}
+
 /// The folder of cached kernels.
 pub fn cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("FLASHATTN_CACHE_DIR") {
@@ -78,14 +95,14 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 /// Compiles `source` for `arch` (e.g. "sm_90") with `options`, or reads it from the cache. With `verbose`,
 /// ptxas reports registers, spills and stack in the log (and the cache is bypassed, since logs are not cached).
-pub fn compile(name: &str, source: &str, arch: &str, options: &[String], verbose: bool) -> Result<Compiled> {
+pub fn compile(name: &str, source: &Source, arch: &str, options: &[String], verbose: bool) -> Result<Compiled> {
     let (major, minor) = nvrtc_version()?;
     let mut opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".to_string(), "-lineinfo".to_string()];
     opts.extend(options.iter().cloned());
     if verbose {
         opts.push("--ptxas-options=-v".into());
     }
-    let key = fnv1a(&[source.as_bytes(), opts.join(" ").as_bytes(), format!("nvrtc {major}.{minor}").as_bytes()]);
+    let key = cache_key(source, &opts, &format!("nvrtc {major}.{minor}"));
     let path = cache_dir().map(|d| d.join(format!("{name}-{arch}-{key:016x}.cubin")));
     if !verbose {
         if let Some(cubin) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
@@ -105,16 +122,31 @@ pub fn compile(name: &str, source: &str, arch: &str, options: &[String], verbose
     Ok(Compiled { cubin, log, cached: false })
 }
 
-fn nvrtc(name: &str, source: &str, opts: &[String]) -> Result<(Vec<u8>, String)> {
-    let src = CString::new(source).map_err(|_| AttnError::Cuda("kernel source contains a NUL byte".into()))?;
+fn c_string(text: &str) -> Result<CString> {
+    CString::new(text).map_err(|_| AttnError::Cuda("kernel source contains a NUL byte".into()))
+}
+
+fn nvrtc(name: &str, source: &Source, opts: &[String]) -> Result<(Vec<u8>, String)> {
+    let src = c_string(source.main)?;
     let cname = CString::new(name).unwrap();
+    let headers = source.headers.iter().map(|(_, text)| c_string(text)).collect::<Result<Vec<_>>>()?;
+    let includes = source.headers.iter().map(|(name, _)| c_string(name)).collect::<Result<Vec<_>>>()?;
+    let header_ptrs: Vec<*const std::ffi::c_char> = headers.iter().map(|c| c.as_ptr()).collect();
+    let include_ptrs: Vec<*const std::ffi::c_char> = includes.iter().map(|c| c.as_ptr()).collect();
     let copts: Vec<CString> = opts.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
     let ptrs: Vec<*const std::ffi::c_char> = copts.iter().map(|c| c.as_ptr()).collect();
     let mut prog: nv::nvrtcProgram = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the duration of the calls; the program is destroyed at the end.
     unsafe {
         check(
-            nv::nvrtcCreateProgram(&mut prog, src.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null()),
+            nv::nvrtcCreateProgram(
+                &mut prog,
+                src.as_ptr(),
+                cname.as_ptr(),
+                header_ptrs.len() as i32,
+                header_ptrs.as_ptr(),
+                include_ptrs.as_ptr(),
+            ),
             "nvrtcCreateProgram",
         )?;
         let compiled = nv::nvrtcCompileProgram(prog, ptrs.len() as i32, ptrs.as_ptr());
@@ -221,5 +253,13 @@ mod tests {
     fn hashes_are_stable_and_distinct() {
         assert_eq!(fnv1a(&[b"a"]), fnv1a(&[b"a"]));
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn cache_keys_hash_the_headers() {
+        let source = |text: &'static str| Source { main: "#include \"a.cuh\"", headers: vec![("a.cuh", text.into())] };
+        let key = |s: &Source| cache_key(s, &["-DX=1".into()], "nvrtc 13.0");
+        assert_eq!(key(&source("int a;")), key(&source("int a;")));
+        assert_ne!(key(&source("int a;")), key(&source("int b;")));
     }
 }

@@ -1,7 +1,6 @@
 //! One GPU: its primary context (the one PyTorch and candle use), the library's own stream for the owned and
 //! host-slice APIs, the device's limits, and the kernel modules loaded on it.
 
-use super::approx::CachedProjections;
 use super::compile;
 use super::kernels::{Pass, Variant};
 use super::units::Unit;
@@ -71,10 +70,8 @@ pub struct Gpu {
     max_smem: usize,
     pub(crate) sm_count: usize,
     loaded: Mutex<HashMap<Variant, Arc<Loaded>>>,
-    /// Auxiliary modules (the approximations' kernels), by name and element type.
+    /// Auxiliary modules (kernels of the modules built on this one), by name and element type.
     aux: Mutex<HashMap<(&'static str, DType), Arc<CudaModule>>>,
-    /// The last Linformer projections uploaded (E, F), by (k, seqlen_k, kind, seed): drawn once, not per call.
-    pub(crate) projections: Mutex<Option<CachedProjections>>,
     /// cuBLAS on this GPU's stream, created on first use.
     pub(crate) blas: OnceLock<cudarc::cublas::CudaBlas>,
     /// Device bytes of workspace the last call on the library's stream allocated.
@@ -125,7 +122,6 @@ impl Gpu {
             sm_count,
             loaded: Mutex::new(HashMap::new()),
             aux: Mutex::new(HashMap::new()),
-            projections: Mutex::new(None),
             blas: OnceLock::new(),
             workspace: Default::default(),
         });
@@ -249,8 +245,9 @@ impl Gpu {
         Ok(loaded)
     }
 
-    /// An auxiliary kernel module (common header + `source`) for one element type, compiled once.
-    pub(crate) fn aux_module(&self, name: &'static str, source: &str, dtype: DType) -> Result<Arc<CudaModule>> {
+    /// An auxiliary kernel module (`source`, which may include the kernels' headers) for one element type,
+    /// compiled once.
+    pub(crate) fn aux_module(&self, name: &'static str, source: &'static str, dtype: DType) -> Result<Arc<CudaModule>> {
         if let Some(m) = self.aux.lock().unwrap().get(&(name, dtype)) {
             return Ok(m.clone());
         }

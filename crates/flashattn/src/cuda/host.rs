@@ -181,36 +181,6 @@ pub(crate) fn gather<'a, T: Element>(t: &'a TensorRef<T>) -> std::borrow::Cow<'a
     std::borrow::Cow::Owned(out)
 }
 
-/// Approximate attention forward on host tensors: uploads, runs, downloads.
-pub(crate) fn approx_forward_host<T: Element>(
-    ordinal: usize,
-    (q, k, v): Qkv<T>,
-    opts: &AttnOptions,
-    method: &crate::approx::Method,
-) -> Result<Vec<T>> {
-    let gpu = Gpu::open(ordinal)?;
-    let (gq, gk, gv) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?);
-    let mut out = gpu.zeros(T::DTYPE, &q.shape)?;
-    gpu.approx_forward((&gq, &gk, &gv), opts, method, &mut out)?;
-    gpu.download(&out)
-}
-
-/// Approximate attention backward on host tensors: dq, dk, dv.
-pub(crate) fn approx_backward_host<T: Element>(
-    ordinal: usize,
-    (q, k, v): Qkv<T>,
-    dout: &TensorRef<T>,
-    opts: &AttnOptions,
-    method: &crate::approx::Method,
-) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
-    let gpu = Gpu::open(ordinal)?;
-    let (gq, gk, gv, gd) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?, gpu.upload(dout)?);
-    let (mut dq, mut dk, mut dv) =
-        (gpu.zeros(T::DTYPE, &q.shape)?, gpu.zeros(T::DTYPE, &k.shape)?, gpu.zeros(T::DTYPE, &k.shape)?);
-    gpu.approx_backward((&gq, &gk, &gv), &gd, opts, method, (&mut dq, &mut dk, &mut dv))?;
-    Ok((gpu.download(&dq)?, gpu.download(&dk)?, gpu.download(&dv)?))
-}
-
 /// Forward on host tensors: uploads, runs, downloads (the `Backend::Cuda` path).
 pub(crate) fn forward_host<T: Element>(
     ordinal: usize,

@@ -1,17 +1,30 @@
 //! The kernel variants: the portable family (sm_80+) and the Hopper family (sm_90a), each with a forward and a
 //! backward: which source, which defines, which tiles.
 
+use super::compile::Source;
 use super::tuning::{extra_defines, tile_override, Tuned};
 use crate::dtype::DType;
 use crate::error::{AttnError, Result};
+use std::borrow::Cow;
 
-pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 const FWD: &str = include_str!("kernels/flash_fwd.cu");
 const BWD: &str = include_str!("kernels/flash_bwd.cu");
-const BWD_COMMON: &str = include_str!("kernels/bwd_common.cuh");
-const HOPPER: &str = include_str!("kernels/hopper.cuh");
 const FWD_SM90: &str = include_str!("kernels/flash_fwd_sm90.cu");
 const BWD_SM90: &str = include_str!("kernels/flash_bwd_sm90.cu");
+
+/// The kernels' headers, by the names the sources include them by.
+const HEADERS: [(&str, &str); 4] = [
+    ("elem.cuh", include_str!("kernels/elem.cuh")),
+    ("common.cuh", include_str!("kernels/common.cuh")),
+    ("hopper.cuh", include_str!("kernels/hopper.cuh")),
+    ("bwd_common.cuh", include_str!("kernels/bwd_common.cuh")),
+];
+
+/// Every header a kernel source may include, as NVRTC named headers: each unit is given all of them (NVRTC reads
+/// only those included), so the sources alone say what they include.
+pub(crate) fn headers() -> Vec<(&'static str, Cow<'static, str>)> {
+    HEADERS.iter().map(|&(name, text)| (name, Cow::Borrowed(text))).collect()
+}
 
 /// Largest head dimension the kernels take.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -271,7 +284,8 @@ impl Variant {
         }
     }
 
-    /// Dynamic shared memory of the main kernel, in bytes (the layouts of the kernels' shared memory).
+    /// Dynamic shared memory of the main kernel, in bytes (the layouts of the kernels' shared memory), passed to
+    /// them as SMEM_BYTES.
     pub fn smem_bytes(&self) -> usize {
         let row = (self.hdim + 8) * 2; // a portable tile's row, padded by 8 elements
         match (self.family, self.pass) {
@@ -372,28 +386,35 @@ impl Variant {
         }
     }
 
-    /// The full source: the common headers and the pass's kernels (for Hopper, with the wgmma instructions it
-    /// uses).
-    pub fn source(&self) -> String {
-        let d = self.hdim;
-        match (self.family, self.pass) {
-            (Family::Hopper, Pass::Forward) => {
-                let n = self.hopper_tiles().block_n;
-                let wgmma = wgmma_macros(&[("WGMMA_SS", Wgmma::SS, n), ("WGMMA_RS", Wgmma::RS, d)], self.dtype);
-                format!("{COMMON}\n{HOPPER}\n{wgmma}{FWD_SM90}")
-            }
-            (Family::Hopper, Pass::Backward) => {
-                let uses = [
-                    ("WGMMA_SS", Wgmma::SS, self.block_m()),
-                    ("WGMMA_RS", Wgmma::RS, d),
-                    ("WGMMA_TT", Wgmma::TT, self.hopper_dq_cols()),
-                ];
-                let wgmma = wgmma_macros(&uses, self.dtype);
-                format!("{COMMON}\n{HOPPER}\n{wgmma}{BWD_COMMON}\n{BWD_SM90}")
-            }
-            (_, Pass::Forward) => format!("{COMMON}\n{FWD}"),
-            (_, Pass::Backward) => format!("{COMMON}\n{BWD_COMMON}\n{BWD}"),
+    /// The source: the pass's kernels and the headers they include (for Hopper, with `wgmma.cuh`, the wgmma
+    /// instructions it uses, generated).
+    pub fn source(&self) -> Source {
+        let main = match (self.family, self.pass) {
+            (Family::Hopper, Pass::Forward) => FWD_SM90,
+            (Family::Hopper, Pass::Backward) => BWD_SM90,
+            (_, Pass::Forward) => FWD,
+            (_, Pass::Backward) => BWD,
+        };
+        let mut headers = headers();
+        if self.family == Family::Hopper {
+            headers.push(("wgmma.cuh", Cow::Owned(self.wgmma_header())));
         }
+        Source { main, headers }
+    }
+
+    /// The Hopper kernels' wgmma functions and the names they use them by.
+    fn wgmma_header(&self) -> String {
+        let uses = match self.pass {
+            Pass::Forward => {
+                vec![("WGMMA_SS", Wgmma::SS, self.hopper_tiles().block_n), ("WGMMA_RS", Wgmma::RS, self.hdim)]
+            }
+            Pass::Backward => vec![
+                ("WGMMA_SS", Wgmma::SS, self.block_m()),
+                ("WGMMA_RS", Wgmma::RS, self.hdim),
+                ("WGMMA_TT", Wgmma::TT, self.hopper_dq_cols()),
+            ],
+        };
+        format!("#pragma once\n#include \"elem.cuh\"\n\n{}", wgmma_macros(&uses, self.dtype))
     }
 
     /// NVRTC options: the defines that select this variant.
@@ -403,6 +424,8 @@ impl Variant {
             format!("-DHDIM={}", self.hdim),
             format!("-DIS_MASKED={}", self.masked as u8),
             format!("-DHAS_MOD={}", self.has_mod as u8),
+            // The kernels static_assert that their layouts fit: a drift from their arithmetic fails to compile.
+            format!("-DSMEM_BYTES={}", self.smem_bytes()),
         ];
         match (self.family, self.pass) {
             (Family::Hopper, Pass::Forward) => {

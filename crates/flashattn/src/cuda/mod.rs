@@ -13,9 +13,12 @@
 //! Layout: `gpu` (device, context, module store), `tensor` (views, workspaces, owned buffers), `call` (a call's
 //! arguments and shared checks), `checks` (every argument check), `select` (the kernel decision), `kernels` (a
 //! variant's tiles, defines and sources), `tuning` (every `FLASHATTN_*` override), `forward` and `backward`
-//! (launches), `host` (the owned and host-slice layers), `units` and `compile` (NVRTC and its cache).
+//! (launches), `host` (the owned and host-slice layers), `units` and `compile` (NVRTC, given the kernels' headers
+//! as named headers, and its cache).
+//!
+//! Nothing here knows the approximations: they build on this module (`approx/cuda.rs`), with their kernels as an
+//! auxiliary module (`Gpu::aux_module`) and their state (Linformer's projections) kept on their side.
 
-mod approx;
 mod backward;
 mod blas;
 mod call;
@@ -38,8 +41,11 @@ pub use call::{BackwardArgs, DeviceInputs, DeviceVarLen, ForwardArgs};
 pub use cudarc;
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 pub use gpu::{device_count, driver_present, is_available, Gpu};
-pub(crate) use host::{approx_backward_host, approx_forward_host, backward_host, forward_host};
+pub(crate) use host::{backward_host, forward_host};
 pub use tensor::{DeviceDType, DeviceTensor, DeviceView, Workspace};
 pub use units::{check_kernels, warm_cache, UnitReport};
 
 pub(crate) use gpu::driver_err;
+// What the modules built on this one (the GPU approximations) use.
+pub(crate) use checks::{owned_aligned, owned_like_q, owned_output};
+pub(crate) use params::strides3;

@@ -1,7 +1,7 @@
 //! NVRTC compilation units (a kernel variant, or an auxiliary module for one element type), and the checks that
 //! compile all of them without a GPU: the report of `flashattn kernels` and the cache warm-up.
 
-use super::compile;
+use super::compile::{self, Source};
 use super::kernels::{self, Variant};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -9,7 +9,7 @@ use crate::error::Result;
 /// One NVRTC compilation.
 pub(crate) struct Unit {
     pub name: String,
-    pub source: String,
+    pub source: Source,
     pub defines: Vec<String>,
     /// An architecture-specific target ("sm_90a") instead of the GPU's own.
     target: Option<&'static str>,
@@ -28,11 +28,11 @@ impl Unit {
         }
     }
 
-    pub fn aux(name: &str, source: &str, dtype: DType) -> Self {
+    pub fn aux(name: &str, source: &'static str, dtype: DType) -> Self {
         Unit {
             name: format!("{name}-{dtype}"),
-            source: format!("{}\n{source}", kernels::COMMON),
-            defines: vec![kernels::elem_define(dtype), "-DHDIM=32".to_string()],
+            source: Source { main: source, headers: kernels::headers() },
+            defines: vec![kernels::elem_define(dtype)],
             target: None,
             main: None,
         }
@@ -45,7 +45,9 @@ impl Unit {
     /// Every unit a GPU of `arch` may load.
     fn all(arch: &str) -> Vec<Unit> {
         let mut units: Vec<Unit> = Variant::all(arch).iter().map(Unit::variant).collect();
-        units.extend([DType::BF16, DType::F16].map(|dtype| Unit::aux("approx", super::approx::SOURCE, dtype)));
+        for &(name, source) in crate::CUDA_AUX_MODULES {
+            units.extend([DType::BF16, DType::F16].map(|dtype| Unit::aux(name, source, dtype)));
+        }
         units
     }
 }

@@ -1,6 +1,9 @@
-// The backward's kernels around the main one, shared by both families (included after common.cuh):
+// The backward's kernels around the main one, shared by both families:
 // flash_bwd_preprocess: D = rowsum(dO * O) per (batch, head, query).
 // flash_bwd_dq_convert: the f32 dQ accumulator, (token, head_q, HDIM), to the output dtype.
+
+#pragma once
+#include "common.cuh"
 
 // Query row i's statistics for a step of head h: lse in log2 units (+inf for a row past the sequence or that saw
 // no key: it passes no gradient) and D.

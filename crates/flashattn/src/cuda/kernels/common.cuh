@@ -1,15 +1,12 @@
-// Shared pieces of the portable (sm_80+) kernels: element conversion, tensor-core and copy instructions as inline
-// PTX, swizzled shared-memory tiles, the parameter block and the mask. No CUDA headers are needed: 16-bit
+// Shared pieces of the attention kernels: tensor-core and copy instructions as inline PTX, swizzled shared-memory
+// tiles, the parameter block and the mask (element conversion in elem.cuh). No CUDA headers are needed: 16-bit
 // elements are handled as raw bits, so NVRTC compiles this with nothing but its built-ins.
 //
 // Compile-time configuration (defines): ELEM_BF16 (1: bf16, 0: f16), HDIM (head dim rounded up to 32), and per
 // kernel the tile sizes and the IS_MASKED / HAS_MOD switches.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define DEVICE __device__ __forceinline__
+#pragma once
+#include "elem.cuh"
 
 // ---------------------------------------------------------------------------------------------------------------
 // The parameter block, laid out exactly as `cuda::params::AttnParams` on the Rust side.
@@ -38,31 +35,6 @@ struct AttnParams {
     float scale_log2;                        // scale * log2(e)
     float softcap;                           // 0: off
 };
-
-// ---------------------------------------------------------------------------------------------------------------
-// Elements.
-DEVICE float to_float(u16 x) {
-#if ELEM_BF16
-    return __uint_as_float(((u32)x) << 16);
-#else
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
-    return f;
-#endif
-}
-
-// Two floats to a packed pair, `lo` in the low half (round to nearest even).
-DEVICE u32 pack2(float lo, float hi) {
-    u32 r;
-#if ELEM_BF16
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-    return r;
-}
-
-DEVICE u16 from_float(float x) { return (u16)(pack2(x, 0.f) & 0xffffu); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tensor cores: D = A (16x16, row) * B (16x8, col) + D, f32 accumulation.
@@ -132,10 +104,6 @@ DEVICE float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
-
-#define LOG2E 1.4426950408889634f
-#define NEG_INF (-__int_as_float(0x7f800000))
-#define POS_INF (__int_as_float(0x7f800000))
 
 // ---------------------------------------------------------------------------------------------------------------
 // A ROWS x COLS tile of 16-bit elements in shared memory, rows padded by 8 elements: with COLS a multiple of 16,

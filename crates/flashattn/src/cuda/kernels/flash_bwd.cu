@@ -8,7 +8,10 @@
 //   or, deterministic, plain adds ordered by a semaphore per query block).
 //
 // Defines: BLOCK_M (queries per step), SUB_M (queries per sub-step), NWARPS, WARPS_D (warps sharing a key group,
-// splitting dK/dV columns), DQ_PARTS, IS_MASKED, HAS_MOD.
+// splitting dK/dV columns), DQ_PARTS, IS_MASKED, HAS_MOD, SMEM_BYTES (the shared memory the host allocates).
+
+#include "common.cuh"
+#include "bwd_common.cuh"
 
 #define NTHREADS (NWARPS * 32)
 #define KGROUPS (NWARPS / WARPS_D)
@@ -51,6 +54,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_bwd(const AttnPa
     float *sdQ = sStats0 + 4 * BLOCK_M;  // BULK_DQ: this step's dQ, rows of HDIM + DQ_PAD floats
     auto sQ = [&](int buf) { return sQ0 + 2 * buf * Tile<BLOCK_M>::ELEMS; };
     auto sdO = [&](int buf) { return sQ(buf) + Tile<BLOCK_M>::ELEMS; };
+    // The host allocates SMEM_BYTES for these buffers: K, V, two of Q and dO, dS, two of the statistics, and the
+    // dQ staging tile where it is used.
+    static_assert(2 * (2 * Tile<BLOCK_N>::ELEMS + 4 * Tile<BLOCK_M>::ELEMS + Tile<BLOCK_N, BLOCK_M>::ELEMS) +
+                          4 * (4 * BLOCK_M) + (BULK_DQ ? 4 * BLOCK_M * (HDIM + DQ_PAD) : 0) <= SMEM_BYTES,
+                  "shared memory: the layout outgrew the host's SMEM_BYTES (Variant::smem_bytes)");
 
     const int b = blockIdx.z, hk = blockIdx.y, n_block = blockIdx.x;
     const Seq seq = sequence(p, b);

@@ -22,8 +22,13 @@
 // same swizzle), as the f32 map of the accumulator reads them.
 //
 // Defines: HDIM (64 or 128: the head dim rounded up), BLOCK_N (keys per CTA: 128), BLOCK_M (queries per step: 64
-// or 128), DQ_N, STAGES, IS_MASKED, HAS_MOD; WGMMA_SS (N = BLOCK_M), WGMMA_RS (N = HDIM) and WGMMA_TT (N = DQ_N,
-// both operands transposed).
+// or 128), DQ_N, STAGES, IS_MASKED, HAS_MOD, SMEM_BYTES (the shared memory the host allocates); WGMMA_SS
+// (N = BLOCK_M), WGMMA_RS (N = HDIM) and WGMMA_TT (N = DQ_N, both operands transposed), generated (wgmma.cuh).
+
+#include "common.cuh"
+#include "hopper.cuh"
+#include "wgmma.cuh"
+#include "bwd_common.cuh"
 
 #define NTHREADS 384
 #define KV_BYTES (BLOCK_N * HDIM * 2)
@@ -100,16 +105,26 @@ DEVICE void wait_turn(const AttnParams &p, const KeyBlock &kb, int st, int h) {
 // Shared memory: K, V, the Q and dO rings, two dS^T buffers, the consumers' dQ staging tiles, the statistics
 // ring (lse and D per stage), the mbarriers (K and V; full and empty per stage and per dS^T buffer).
 struct Smem {
+    // Byte offsets from the aligned start, and the end of the layout (the mbarriers: K and V, 2 per stage, 2 per
+    // dS^T buffer).
+    static constexpr u32 V_AT = KV_BYTES;
+    static constexpr u32 Q_AT = V_AT + KV_BYTES;
+    static constexpr u32 DOUT_AT = Q_AT + STAGES * QT_BYTES;
+    static constexpr u32 DS_AT = DOUT_AT + STAGES * QT_BYTES;
+    static constexpr u32 DQ_AT = DS_AT + 2 * DS_BYTES;
+    static constexpr u32 STATS_AT = DQ_AT + 8 * DQ_WARP_BYTES;
+    static constexpr u32 BARS_AT = STATS_AT + STAGES * 2 * BLOCK_M * 4;
+    static constexpr u32 END = BARS_AT + 8 + 16 * STAGES + 16 * 2;
     u32 k, v, q, dout, ds, dq, stats, bars;
     DEVICE Smem(const void *raw) {
         k = (smem_addr(raw) + 1023) & ~1023u;
-        v = k + KV_BYTES;
-        q = v + KV_BYTES;
-        dout = q + STAGES * QT_BYTES;
-        ds = dout + STAGES * QT_BYTES;
-        dq = ds + 2 * DS_BYTES;
-        stats = dq + 8 * DQ_WARP_BYTES;
-        bars = stats + STAGES * 2 * BLOCK_M * 4;
+        v = k + V_AT;
+        q = k + Q_AT;
+        dout = k + DOUT_AT;
+        ds = k + DS_AT;
+        dq = k + DQ_AT;
+        stats = k + STATS_AT;
+        bars = k + BARS_AT;
     }
     DEVICE u32 lse(int stage) const { return stats + stage * 2 * BLOCK_M * 4; }
     DEVICE u32 delta(int stage) const { return lse(stage) + BLOCK_M * 4; }
@@ -119,6 +134,8 @@ struct Smem {
     DEVICE u32 ds_full(int buf) const { return bars + 8 + 16 * STAGES + 16 * buf; }
     DEVICE u32 ds_empty(int buf) const { return bars + 16 + 16 * STAGES + 16 * buf; }
 };
+// The host allocates SMEM_BYTES: the layout and up to 1024 bytes of alignment before it.
+static_assert(1024 + Smem::END <= SMEM_BYTES, "shared memory: the layout outgrew the host's SMEM_BYTES (Variant::smem_bytes)");
 
 // The TMA thread: K and V once, then each step's Q and dO.
 DEVICE void produce(const AttnParams &p, const TmaMap &tq, const TmaMap &tk, const TmaMap &tv, const TmaMap &tdo,

@@ -5,7 +5,10 @@
 // block is processed in sub-blocks of SUB_N keys (S = Q K^T, online softmax, O += P V), which bounds the score
 // registers; P stays in registers; the output rescale is skipped when no row's max moved.
 //
-// Defines: BLOCK_M, BLOCK_N, SUB_N, NWARPS, IS_MASKED (causal / sliding window), HAS_MOD (softcap / ALiBi).
+// Defines: BLOCK_M, BLOCK_N, SUB_N, NWARPS, IS_MASKED (causal / sliding window), HAS_MOD (softcap / ALiBi),
+// SMEM_BYTES (the shared memory the host allocates).
+
+#include "common.cuh"
 
 #define NTHREADS (NWARPS * 32)
 #define ROWS_W (BLOCK_M / NWARPS)  // query rows per warp
@@ -27,6 +30,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_fwd(const AttnPa
     u16 *sQ = smem;
     u16 *sK = sQ + Tile<BLOCK_M>::ELEMS;  // two buffers
     u16 *sV = sK + 2 * Tile<BLOCK_N>::ELEMS;
+    // The host allocates SMEM_BYTES for these buffers: Q, two K, V.
+    static_assert(2 * (Tile<BLOCK_M>::ELEMS + 3 * Tile<BLOCK_N>::ELEMS) <= SMEM_BYTES,
+                  "shared memory: the layout outgrew the host's SMEM_BYTES (Variant::smem_bytes)");
 
     const int b = blockIdx.z, h = blockIdx.y;
     const Seq seq = sequence(p, b);

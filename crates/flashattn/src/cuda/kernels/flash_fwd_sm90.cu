@@ -19,8 +19,12 @@
 //
 // Defines: HDIM (64, 128, 192 or 256: the head dim rounded up; TMA zero-fills the columns past it), CONSUMERS,
 // BLOCK_N, STAGES, CLUSTER (CTAs sharing each K/V load), O_STAGING (0: none, 1: boxes beside the ring, 2: in the
-// Q tile), LAZY_RESCALE (see softmax), WAIT_AFTER_SOFTMAX (see the loop), IS_MASKED, HAS_MOD; WGMMA_SS
-// (N = BLOCK_N) and WGMMA_RS (N = HDIM), generated.
+// Q tile), LAZY_RESCALE (see softmax), WAIT_AFTER_SOFTMAX (see the loop), IS_MASKED, HAS_MOD, SMEM_BYTES (the
+// shared memory the host allocates); WGMMA_SS (N = BLOCK_N) and WGMMA_RS (N = HDIM), generated (wgmma.cuh).
+
+#include "common.cuh"
+#include "hopper.cuh"
+#include "wgmma.cuh"
 
 #define BLOCK_M (64 * CONSUMERS)
 #define NTHREADS (128 * (CONSUMERS + 1))
@@ -80,14 +84,21 @@ DEVICE Work work(const AttnParams &p, int t, int num_m, int group_heads) {
 // Shared memory: Q, the K ring, the V ring, the O staging boxes (1024-byte aligned), then the mbarriers and the
 // current tile's index.
 struct Smem {
+    // Byte offsets from the aligned start, and the end of the layout (the tile index and the sink word).
+    static constexpr u32 K_AT = Q_BYTES;
+    static constexpr u32 V_AT = K_AT + STAGES * KV_BYTES;
+    static constexpr u32 O_AT = V_AT + STAGES * KV_BYTES;
+    static constexpr u32 BARS_AT = O_AT + (O_STAGING == 1 ? O_WARP_BYTES * 4 * CONSUMERS : 0);
+    static constexpr u32 TILE_AT = BARS_AT + 16 + 32 * STAGES;
+    static constexpr u32 END = TILE_AT + 8;
     u32 q, k, v, o, bars, tile;
     DEVICE Smem(const void *raw) {
         q = (smem_addr(raw) + 1023) & ~1023u;
-        k = q + Q_BYTES;
-        v = k + STAGES * KV_BYTES;
-        o = v + STAGES * KV_BYTES;
-        bars = o + (O_STAGING == 1 ? O_WARP_BYTES * 4 * CONSUMERS : 0);
-        tile = bars + 16 + 32 * STAGES;
+        k = q + K_AT;
+        v = q + V_AT;
+        o = q + O_AT;
+        bars = q + BARS_AT;
+        tile = q + TILE_AT;
     }
     DEVICE u32 sink() const { return tile + 4; }  // a word that only wgmma_wait_after may write
     // The first staging box of warp `warp` of consumer c: its own beside the ring, or its 16 rows of Q's first slab.
@@ -101,6 +112,8 @@ struct Smem {
     DEVICE u32 k_empty(int s) const { return bars + 32 + 32 * s; }
     DEVICE u32 v_empty(int s) const { return bars + 40 + 32 * s; }
 };
+// The host allocates SMEM_BYTES: the layout and up to 1024 bytes of alignment before it.
+static_assert(1024 + Smem::END <= SMEM_BYTES, "shared memory: the layout outgrew the host's SMEM_BYTES (Variant::smem_bytes)");
 
 // The next entry of the tile list for this CTA after `t`: from the global counter, or, for a cluster (whose CTAs
 // must agree without talking), every clusters-th entry from the cluster's own index on.

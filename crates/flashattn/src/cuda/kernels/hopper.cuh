@@ -1,5 +1,8 @@
 // Shared pieces of the Hopper (sm_90a) kernels: tensor maps and TMA copies, mbarriers, wgmma, shared-memory
-// matrix descriptors and register reallocation. Included after common.cuh.
+// matrix descriptors and register reallocation.
+
+#pragma once
+#include "common.cuh"
 
 // A CUtensorMap, passed by value.
 struct __align__(64) TmaMap {

@@ -1,18 +1,24 @@
 //! Linformer and Performer on the GPU: the matrix products on cuBLAS (f32, strided-batched over heads), the
-//! row-wise steps in small kernels (kernels/approx.cu). Working tensors are f32 and head-major, (heads, rows, d),
+//! row-wise steps in small kernels (approx.cu). Working tensors are f32 and head-major, (heads, rows, d),
 //! with the key/value heads of grouped-query attention repeated per query head (their gradients summed back).
 //! Causal Performer runs in chunks of CHUNK rows: exact masked products inside a chunk, exclusive prefix sums of
 //! the key states across chunks (queries and keys aligned: seqlen_q = seqlen_k).
+//!
+//! Built on `crate::cuda` (its GPU, tensors, checks and auxiliary modules), which knows nothing of this module.
 
-use super::{driver_err, DeviceTensor, Gpu};
-use crate::approx::{self, linformer::Projections, performer, Method, Projection};
+use super::{linformer::Projections, performer, Method, Projection};
+use crate::cuda::{driver_err, owned_aligned, owned_like_q, owned_output, strides3, DeviceTensor, Gpu};
+use crate::dtype::Element;
 use crate::error::{AttnError, Result};
 use crate::problem::{AttnOptions, Plan};
+use crate::tensor::{Qkv, TensorRef};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
-pub(super) const SOURCE: &str = include_str!("kernels/approx.cu");
+/// The kernels' source, compiled as the auxiliary module "approx" (listed for `cuda::check_kernels` in lib.rs).
+pub(crate) const SOURCE: &str = include_str!("approx.cu");
 /// Rows of a causal chunk.
 const CHUNK: usize = 64;
 
@@ -170,7 +176,7 @@ impl<'g> Ctx<'g> {
     /// padding rows are zero.
     fn read_heads(&self, t: &DeviceTensor, seq: usize, prows: usize, group: usize) -> Result<CudaSlice<f32>> {
         let out = self.zeros(self.heads * prows * self.d)?;
-        let (sb, ss, sh) = super::params::strides3(&t.strides);
+        let (sb, ss, sh) = strides3(&t.strides);
         let p = self.plan;
         let args = [
             Arg::Ptr(t.ptr(&self.gpu.stream)),
@@ -198,7 +204,7 @@ impl<'g> Ctx<'g> {
         prows: usize,
         group: usize,
     ) -> Result<()> {
-        let (db, ds, dh) = super::params::strides3(&dst.strides);
+        let (db, ds, dh) = strides3(&dst.strides);
         let p = self.plan;
         let heads = p.heads_q / group;
         let args = [
@@ -242,7 +248,7 @@ impl Gpu {
         out: &mut DeviceTensor,
     ) -> Result<()> {
         let plan = self.approx_plan(q, k, v, opts, method)?;
-        super::checks::owned_output("out", out, plan.q_shape(), plan.dtype())?;
+        owned_output("out", out, plan.q_shape(), plan.dtype())?;
         let ctx = Ctx::new(self, &plan, if plan.mask.causal { CHUNK } else { 1 })?;
         let inp = self.approx_inputs(&ctx, (q, k, v), None)?;
         let produced = run(&ctx, &inp, method)?;
@@ -263,10 +269,10 @@ impl Gpu {
         (dq, dk, dv): (&mut DeviceTensor, &mut DeviceTensor, &mut DeviceTensor),
     ) -> Result<()> {
         let plan = self.approx_plan(q, k, v, opts, method)?;
-        super::checks::owned_like_q(&plan, "dout", dout)?;
-        super::checks::owned_output("dq", dq, plan.q_shape(), plan.dtype())?;
-        super::checks::owned_output("dk", dk, plan.kv_shape(), plan.dtype())?;
-        super::checks::owned_output("dv", dv, plan.kv_shape(), plan.dtype())?;
+        owned_like_q(&plan, "dout", dout)?;
+        owned_output("dq", dq, plan.q_shape(), plan.dtype())?;
+        owned_output("dk", dk, plan.kv_shape(), plan.dtype())?;
+        owned_output("dv", dv, plan.kv_shape(), plan.dtype())?;
         let ctx = Ctx::new(self, &plan, if plan.mask.causal { CHUNK } else { 1 })?;
         let inp = self.approx_inputs(&ctx, (q, k, v), Some(dout))?;
         let produced = run(&ctx, &inp, method)?;
@@ -298,9 +304,9 @@ impl Gpu {
                 });
             }
         }
-        let plan = approx::plan(q, k, v, opts, method, q.dtype)?;
+        let plan = super::plan(q, k, v, opts, method, q.dtype)?;
         for (name, t) in [("q", q), ("k", k), ("v", v)] {
-            super::checks::owned_aligned(name, t)?;
+            owned_aligned(name, t)?;
         }
         if plan.mask.causal && plan.len_q[0] != plan.len_k[0] {
             return Err(AttnError::Unsupported {
@@ -330,24 +336,61 @@ impl Gpu {
     }
 }
 
+/// Approximate attention forward on host tensors: uploads, runs, downloads.
+pub(crate) fn approx_forward_host<T: Element>(
+    ordinal: usize,
+    (q, k, v): Qkv<T>,
+    opts: &AttnOptions,
+    method: &Method,
+) -> Result<Vec<T>> {
+    let gpu = Gpu::open(ordinal)?;
+    let (gq, gk, gv) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?);
+    let mut out = gpu.zeros(T::DTYPE, &q.shape)?;
+    gpu.approx_forward((&gq, &gk, &gv), opts, method, &mut out)?;
+    gpu.download(&out)
+}
+
+/// Approximate attention backward on host tensors: dq, dk, dv.
+pub(crate) fn approx_backward_host<T: Element>(
+    ordinal: usize,
+    (q, k, v): Qkv<T>,
+    dout: &TensorRef<T>,
+    opts: &AttnOptions,
+    method: &Method,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let gpu = Gpu::open(ordinal)?;
+    let (gq, gk, gv, gd) = (gpu.upload(q)?, gpu.upload(k)?, gpu.upload(v)?, gpu.upload(dout)?);
+    let (mut dq, mut dk, mut dv) =
+        (gpu.zeros(T::DTYPE, &q.shape)?, gpu.zeros(T::DTYPE, &k.shape)?, gpu.zeros(T::DTYPE, &k.shape)?);
+    gpu.approx_backward((&gq, &gk, &gv), &gd, opts, method, (&mut dq, &mut dk, &mut dv))?;
+    Ok((gpu.download(&dq)?, gpu.download(&dk)?, gpu.download(&dv)?))
+}
+
 /// Linformer's projections on the device, with what they were drawn for.
-pub(crate) struct CachedProjections {
+struct CachedProjections {
     key: (usize, usize, Projection, u64),
     ef: Arc<[CudaSlice<f32>; 2]>,
+}
+
+/// The last projections uploaded to each GPU, by ordinal: drawn once, not per call. GPUs are opened once per
+/// process and never closed, so an entry lives as long as its GPU.
+fn projection_cache() -> &'static Mutex<HashMap<usize, CachedProjections>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, CachedProjections>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
 }
 
 /// E and F for (k, seqlen_k, kind, seed): from the GPU's one-entry cache, or drawn and uploaded.
 fn projections(c: &Ctx, k: usize, projection: Projection, seed: u64) -> Result<Arc<[CudaSlice<f32>; 2]>> {
     let key = (k, c.plan.len_k[0], projection, seed);
     c.count(2 * k * key.1);
-    let mut cache = c.gpu.projections.lock().unwrap();
-    if let Some(p) = cache.as_ref().filter(|p| p.key == key) {
+    let mut cache = projection_cache().lock().unwrap();
+    if let Some(p) = cache.get(&c.gpu.ordinal).filter(|p| p.key == key) {
         return Ok(p.ef.clone());
     }
     let host = Projections::<f32>::new(k, key.1, projection, seed);
     let upload = |h: &[f32]| c.gpu.stream.clone_htod(h).map_err(driver_err("copying to the GPU"));
     let ef = Arc::new([upload(&host.e)?, upload(&host.f)?]);
-    *cache = Some(CachedProjections { key, ef: ef.clone() });
+    cache.insert(c.gpu.ordinal, CachedProjections { key, ef: ef.clone() });
     Ok(ef)
 }
 

@@ -1,6 +1,8 @@
 // The element-wise and row-wise steps of Linformer and Performer on the GPU; their matrix products run on cuBLAS.
 // Working tensors are f32, head-major: (heads, rows, cols) with `rows` padded to `prows` per head.
 
+#include "elem.cuh"
+
 // (batch, seq, heads_src, d) 16-bit -> (batch * heads, prows, d) f32, head h reading source head h / group; rows
 // past `seq` become zeros.
 extern "C" __global__ void heads_to_f32(const u16 *src, long long sb, long long ss, long long sh, float *dst, int batch,
