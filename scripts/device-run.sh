@@ -54,6 +54,8 @@ if step tests; then
         FLASHATTN_TEST_CASES=$CASES ./stage/tests/cuda_flash 2>&1
         echo "== the borrowed device API (caller streams, CUDA graphs, two streams at once, bad views)"
         ./stage/tests/cuda_device_api 2>&1
+        echo "== the README's borrowed-API example"
+        ./stage/borrowed_stream 2>&1
         echo "== GPU tests with the portable family (the Hopper family is the default on sm_90)"
         FLASHATTN_GPU_KERNELS=portable FLASHATTN_TEST_CASES=$CASES ./stage/tests/cuda_flash 2>&1
         echo "== CPU tests on this machine's CPU"

@@ -8,6 +8,9 @@ rm -rf stage
 mkdir -p stage/tests
 cargo build --release -p flashattn-cli
 cp target/release/flashattn stage/
+# The README's borrowed-API example (a caller's own stream and buffers).
+cargo build --release -p flashattn --example borrowed_stream
+cp target/release/examples/borrowed_stream stage/
 # The test executables, as cargo names them.
 cargo test --release --workspace --no-run --message-format=json 2>/dev/null |
     python3 -c '
@@ -17,7 +20,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "stage/tests/$name"; done
-strip stage/flashattn stage/tests/* 2>/dev/null || true
+strip stage/flashattn stage/borrowed_stream stage/tests/* 2>/dev/null || true
 # The Python package as an abi3 wheel (one for every Python 3.9+ and every torch).
 if ${MATURIN:-python3 -m maturin} --version >/dev/null 2>&1; then
     ${MATURIN:-python3 -m maturin} build --release --strip -m python/Cargo.toml -o stage/wheels
