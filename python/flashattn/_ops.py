@@ -46,9 +46,6 @@ class _Options:
         }
 
 
-_options = _Options
-
-
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
@@ -124,6 +121,28 @@ def backward_into(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     _core.backward(*tensors, opts.items, _device(q), _allocator(q.device))
 
 
+def _forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q,
+             cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic):
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
+    forward_into(q, k, v, out, lse, _Options(softmax_scale, causal, window_left, window_right, softcap, deterministic,
+                                             alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic):
+    q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    backward_into(dout, q, k, v, out, lse, dq, dk, dv,
+                  _Options(softmax_scale, causal, window_left, window_right, softcap, deterministic, alibi_slopes,
+                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    return dq, dk, dv
+
+
 @torch.library.custom_op("flashattn::fwd", mutates_args=())
 def _fwd(
     q: Tensor,
@@ -141,12 +160,8 @@ def _fwd(
     max_seqlen_k: int,
     deterministic: bool,
 ) -> Tuple[Tensor, Tensor]:
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
-    forward_into(q, k, v, out, lse, _options(softmax_scale, causal, window_left, window_right, softcap, deterministic,
-                                             alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-    return out, lse
+    return _forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q,
+                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
 
 
 @_fwd.register_fake
@@ -177,14 +192,8 @@ def _bwd(
     max_seqlen_k: int,
     deterministic: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    backward_into(dout, q, k, v, out, lse, dq, dk, dv,
-                  _options(softmax_scale, causal, window_left, window_right, softcap, deterministic, alibi_slopes,
-                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-    return dq, dk, dv
+    return _backward(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
+                     alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
 
 
 @_bwd.register_fake
@@ -194,7 +203,7 @@ def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
     return empty(q), empty(k), empty(v)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, output):
     (q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
      max_seqlen_q, max_seqlen_k, deterministic) = inputs
     out, lse = output
@@ -203,10 +212,37 @@ def _setup_context(ctx, inputs, output):
     ctx.rest = (max_seqlen_q, max_seqlen_k, deterministic)
 
 
-def _backward(ctx, dout, _dlse):
+def _gradients(ctx, dout, backward):
     q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *ctx.rest)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.options, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *ctx.rest)
     return (dq, dk, dv) + (None,) * 11
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(lambda ctx, dout, _dlse: _gradients(ctx, dout, _bwd), setup_context=_save)
+
+
+class _Eager(torch.autograd.Function):
+    """The same passes outside torch.compile, without the custom operators' dispatch (a few tens of
+    microseconds of host time per call, which short sequences feel)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _forward(*inputs)
+        _save(ctx, inputs, (out, lse))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        return _gradients(ctx, dout, _backward)
+
+
+def attention(*inputs) -> Tuple[Tensor, Tensor]:
+    """(out, lse) for `flashattn::fwd`'s arguments: the custom operator while torch.compile traces, else the same
+    kernels through `_Eager` (or directly, when no gradient is wanted). Meta tensors take the operator's fake
+    kernel."""
+    if torch.compiler.is_compiling() or inputs[0].is_meta:
+        return _fwd(*inputs)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:3]):
+        return _Eager.apply(*inputs)
+    return _forward(*inputs)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._ops import _fwd
+from ._ops import attention
 
 Tensor = torch.Tensor
 
@@ -57,7 +57,7 @@ def _run(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, det
     left, right = _window(window_size, causal)
     q, k, v, d = _padded(q, k, v)
     cu_q, cu_k, max_q, max_k = varlen
-    out, lse = _fwd(q, k, v, float(softmax_scale), bool(causal), int(left), int(right), float(softcap), alibi_slopes,
+    out, lse = attention(q, k, v, float(softmax_scale), bool(causal), int(left), int(right), float(softcap), alibi_slopes,
                     cu_q, cu_k, int(max_q), int(max_k), bool(deterministic))
     return out[..., :d] if out.shape[-1] != d else out, lse
 

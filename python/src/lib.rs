@@ -168,7 +168,8 @@ fn no_cuda<T>(_: T) -> AttnError {
 /// What this machine offers: CPU instruction set, GPUs, NVRTC, the kernel cache.
 #[pyfunction]
 fn info() -> String {
-    let mut lines = vec![format!("cpu kernels: {}", flashattn::Isa::detect().map_or_else(|e| e.to_string(), |i| i.to_string()))];
+    let mut lines =
+        vec![format!("cpu kernels: {}", flashattn::Isa::detect().map_or_else(|e| e.to_string(), |i| i.to_string()))];
     #[cfg(feature = "cuda")]
     {
         use flashattn::cuda;
@@ -222,7 +223,10 @@ mod host {
     /// That `t` holds `dtype` (a torch name) at an address aligned for it.
     fn check(name: &'static str, t: &Tensor, dtype: &str, elem: usize) -> Result<(), AttnError> {
         if t.dtype() != dtype {
-            return Err(AttnError::Unsupported { what: format!("{name} in {}", t.dtype()), why: format!("this call needs {dtype}") });
+            return Err(AttnError::Unsupported {
+                what: format!("{name} in {}", t.dtype()),
+                why: format!("this call needs {dtype}"),
+            });
         }
         if (t.ptr() == 0 && t.extent()? > 0) || t.ptr() % elem as u64 != 0 {
             return Err(AttnError::Pointer { tensor: name, problem: format!("{:#x} is no {dtype} array", t.ptr()) });
@@ -257,7 +261,11 @@ mod host {
     /// As `elements`.
     unsafe fn contiguous<'a, T>(name: &'static str, t: &'a Tensor, dtype: &str) -> Result<&'a [T], AttnError> {
         if t.strides() != flashattn::tensor::contiguous_strides(t.shape()) {
-            return Err(AttnError::Shape { tensor: name, expected: "a contiguous tensor".into(), got: t.shape().to_vec() });
+            return Err(AttnError::Shape {
+                tensor: name,
+                expected: "a contiguous tensor".into(),
+                got: t.shape().to_vec(),
+            });
         }
         // SAFETY: the caller's guarantee.
         unsafe { elements(name, t, dtype) }
@@ -276,7 +284,10 @@ mod host {
     }
 
     /// Outputs must overlap neither the inputs nor each other: their slices would alias.
-    fn disjoint(outputs: &[(&'static str, &Tensor, usize)], inputs: &[(&'static str, &Tensor, usize)]) -> Result<(), AttnError> {
+    fn disjoint(
+        outputs: &[(&'static str, &Tensor, usize)],
+        inputs: &[(&'static str, &Tensor, usize)],
+    ) -> Result<(), AttnError> {
         for (i, &(name, o, elem)) in outputs.iter().enumerate() {
             let (a0, a1) = o.span(elem)?;
             for &(other, t, elem) in outputs[..i].iter().chain(inputs) {
@@ -323,7 +334,12 @@ mod host {
         }
     }
 
-    fn forward_as<T: Element>([q, k, v]: &[&Tensor; 3], out: &Tensor, lse: &Tensor, o: &Options) -> Result<(), AttnError> {
+    fn forward_as<T: Element>(
+        [q, k, v]: &[&Tensor; 3],
+        out: &Tensor,
+        lse: &Tensor,
+        o: &Options,
+    ) -> Result<(), AttnError> {
         let e = std::mem::size_of::<T>();
         disjoint(&[("out", out, e), ("lse", lse, 4)], &[("q", q, e), ("k", k, e), ("v", v, e)])?;
         let opts = attn_options(o)?;
@@ -369,7 +385,9 @@ mod host {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use flashattn::cuda::{BackwardArgs, DeviceDType, DeviceInputs, DeviceVarLen, DeviceView, ForwardArgs, Gpu, Workspace};
+    use flashattn::cuda::{
+        BackwardArgs, DeviceDType, DeviceInputs, DeviceVarLen, DeviceView, ForwardArgs, Gpu, Workspace, WorkspaceFrom,
+    };
 
     fn view(name: &str, t: &Tensor) -> Result<DeviceView, AttnError> {
         let dtype = match t.dtype() {
@@ -380,7 +398,8 @@ mod gpu {
             other => {
                 return Err(AttnError::Unsupported {
                     what: format!("{name} in {other} on a GPU"),
-                    why: "the GPU kernels take float16 or bfloat16 (float32 log-sum-exp and slopes, int32 offsets)".into(),
+                    why: "the GPU kernels take float16 or bfloat16 (float32 log-sum-exp and slopes, int32 offsets)"
+                        .into(),
                 })
             }
         };
@@ -420,20 +439,44 @@ mod gpu {
         }
     }
 
-    /// `bytes` of workspace from the caller's allocator: the tensor that holds it, and the library's handle.
-    fn workspace<'py>(alloc: &Option<Bound<'py, PyAny>>, bytes: usize) -> PyResult<(Option<Bound<'py, PyAny>>, Option<Workspace>)> {
-        if bytes == 0 {
-            return Ok((None, None));
-        }
-        let alloc = alloc.as_ref().ok_or_else(|| PyValueError::new_err("the call needs workspace and no allocator was given"))?;
-        let tensor = alloc.call1((bytes,))?;
-        let ptr: u64 = tensor.call_method0("data_ptr")?.extract()?;
-        // SAFETY: a fresh uint8 tensor of `bytes` bytes on the call's device, alive until the call returns; the
-        // allocator is stream-ordered, so its memory is not reused before the queued work has run.
-        Ok((Some(tensor), Some(unsafe { Workspace::from_raw(ptr, bytes) })))
+    /// Runs `launch` with the caller's allocator (a Python callable taking a byte count and returning a tensor)
+    /// as the source of workspace; the tensors it returns are held until the launch is queued, and torch's
+    /// stream-ordered allocator keeps their memory from reuse until the queued work has run.
+    fn with_allocator<R: Send>(
+        py: Python<'_>,
+        alloc: Option<Bound<'_, PyAny>>,
+        launch: impl FnOnce(WorkspaceFrom) -> Result<R, AttnError> + Send,
+    ) -> PyResult<R> {
+        let alloc = alloc.map(Bound::unbind);
+        let mut held: Vec<Py<PyAny>> = Vec::new();
+        let mut allocate = |bytes: usize| -> Result<Workspace, AttnError> {
+            let no_alloc = || AttnError::Unsupported {
+                what: "a call that needs workspace".into(),
+                why: "no allocator was given".into(),
+            };
+            let alloc = alloc.as_ref().ok_or_else(no_alloc)?;
+            Python::attach(|py| {
+                let tensor =
+                    alloc.call1(py, (bytes,)).map_err(|e| AttnError::Cuda(format!("allocating workspace: {e}")))?;
+                let ptr: u64 = tensor
+                    .call_method0(py, "data_ptr")
+                    .and_then(|p| p.extract(py))
+                    .map_err(|e| AttnError::Cuda(format!("allocating workspace: {e}")))?;
+                held.push(tensor);
+                // SAFETY: a fresh uint8 tensor of `bytes` bytes on the call's device (the call checks it),
+                // held until the launch is queued.
+                Ok(unsafe { Workspace::from_raw(ptr, bytes) })
+            })
+        };
+        let result = py.detach(|| launch(WorkspaceFrom::Allocator(&mut allocate)));
+        drop(held);
+        result.map_err(to_py)
     }
 
-    fn open(ordinal: usize, raw_stream: usize) -> Result<(std::sync::Arc<Gpu>, std::sync::Arc<flashattn::cuda::CudaStream>), AttnError> {
+    fn open(
+        ordinal: usize,
+        raw_stream: usize,
+    ) -> Result<(std::sync::Arc<Gpu>, std::sync::Arc<flashattn::cuda::CudaStream>), AttnError> {
         let gpu = Gpu::open(ordinal)?;
         // SAFETY: the Python package passes torch's current stream of this device, which outlives the call.
         let stream = unsafe { gpu.borrow_stream(raw_stream as flashattn::cuda::cudarc::driver::sys::CUstream) };
@@ -456,9 +499,7 @@ mod gpu {
         let extras = Extras::new(o).map_err(to_py)?;
         let opts = o.attn();
         let args = ForwardArgs { q: &q, k: &k, v: &v, out: &out, lse: &lse, opts: &opts, device: extras.inputs() };
-        let bytes = py.detach(|| gpu.forward_workspace_bytes(&args)).map_err(to_py)?;
-        let (_held, ws) = workspace(&alloc, bytes)?;
-        py.detach(|| gpu.launch_forward(&stream, &args, ws)).map_err(to_py)
+        with_allocator(py, alloc, |ws| gpu.launch_forward_with(&stream, &args, ws))
     }
 
     pub(super) fn backward(
@@ -494,8 +535,6 @@ mod gpu {
             opts: &opts,
             device: extras.inputs(),
         };
-        let bytes = py.detach(|| gpu.backward_workspace_bytes(&args)).map_err(to_py)?;
-        let (_held, ws) = workspace(&alloc, bytes)?;
-        py.detach(|| gpu.launch_backward(&stream, &args, ws)).map_err(to_py)
+        with_allocator(py, alloc, |ws| gpu.launch_backward_with(&stream, &args, ws))
     }
 }

@@ -6,7 +6,7 @@ use super::checks::{self, Checked};
 use super::gpu::{driver_err, Gpu};
 use super::kernels::{Family, Pass, Variant};
 use super::params::strides3;
-use super::tensor::{DeviceDType, Workspace};
+use super::tensor::{DeviceDType, Workspace, WorkspaceFrom};
 use super::tma;
 use crate::error::Result;
 use crate::problem::Plan;
@@ -63,6 +63,18 @@ impl Gpu {
         args: &BackwardArgs,
         workspace: Option<Workspace>,
     ) -> Result<()> {
+        self.run_backward(stream, args, workspace.into()).map(|_| ())
+    }
+
+    /// `launch_backward` with scratch from where `workspace` says: with [`WorkspaceFrom::Allocator`], the
+    /// caller's allocator is asked for the bytes the call needs, so that one pass of checks serves both the
+    /// size and the launch.
+    pub fn launch_backward_with(
+        &self,
+        stream: &Arc<CudaStream>,
+        args: &BackwardArgs,
+        workspace: WorkspaceFrom,
+    ) -> Result<()> {
         self.run_backward(stream, args, workspace).map(|_| ())
     }
 
@@ -71,7 +83,7 @@ impl Gpu {
         &self,
         stream: &Arc<CudaStream>,
         args: &BackwardArgs,
-        workspace: Option<Workspace>,
+        workspace: WorkspaceFrom,
     ) -> Result<usize> {
         checks::stream_of(self, stream)?;
         let call = self.check_call((args.q, args.k, args.v), args.opts, &args.device, Pass::Backward)?;

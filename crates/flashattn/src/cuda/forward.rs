@@ -6,7 +6,7 @@ use super::checks::{self, Checked};
 use super::gpu::{driver_err, Gpu};
 use super::kernels::{Family, Pass};
 use super::params::strides3;
-use super::tensor::{DeviceDType, Workspace};
+use super::tensor::{DeviceDType, Workspace, WorkspaceFrom};
 use super::{cluster, tma};
 use crate::error::Result;
 use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
@@ -38,6 +38,18 @@ impl Gpu {
         args: &ForwardArgs,
         workspace: Option<Workspace>,
     ) -> Result<()> {
+        self.run_forward(stream, args, workspace.into()).map(|_| ())
+    }
+
+    /// `launch_forward` with scratch from where `workspace` says: with [`WorkspaceFrom::Allocator`], the
+    /// caller's allocator is asked for the bytes the call needs, so that one pass of checks serves both the
+    /// size and the launch.
+    pub fn launch_forward_with(
+        &self,
+        stream: &Arc<CudaStream>,
+        args: &ForwardArgs,
+        workspace: WorkspaceFrom,
+    ) -> Result<()> {
         self.run_forward(stream, args, workspace).map(|_| ())
     }
 
@@ -46,7 +58,7 @@ impl Gpu {
         &self,
         stream: &Arc<CudaStream>,
         args: &ForwardArgs,
-        workspace: Option<Workspace>,
+        workspace: WorkspaceFrom,
     ) -> Result<usize> {
         checks::stream_of(self, stream)?;
         let call = self.check_call((args.q, args.k, args.v), args.opts, &args.device, Pass::Forward)?;

@@ -117,7 +117,7 @@ impl Gpu {
         let lv = view_of(lse, DeviceDType::F32, &plan.lse_shape());
         let args =
             ForwardArgs { q: &qv, k: &kv, v: &vv, out: &ov, lse: &lv, opts: &up.opts, device: up.device(&views) };
-        let scratch = self.run_forward(&self.stream, &args, None)?;
+        let scratch = self.run_forward(&self.stream, &args, super::WorkspaceFrom::Stream)?;
         self.workspace.store(up.bytes() + scratch, Ordering::Relaxed);
         Ok(())
     }
@@ -153,7 +153,7 @@ impl Gpu {
             opts: &up.opts,
             device: up.device(&views),
         };
-        let scratch = self.run_backward(&self.stream, &args, None)?;
+        let scratch = self.run_backward(&self.stream, &args, super::WorkspaceFrom::Stream)?;
         self.workspace.store(up.bytes() + scratch, Ordering::Relaxed);
         Ok(())
     }

@@ -42,7 +42,7 @@ pub use cudarc;
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 pub use gpu::{device_count, driver_present, is_available, Gpu};
 pub(crate) use host::{backward_host, forward_host};
-pub use tensor::{DeviceDType, DeviceTensor, DeviceView, Workspace};
+pub use tensor::{DeviceDType, DeviceTensor, DeviceView, Workspace, WorkspaceFrom};
 pub use units::{check_kernels, warm_cache, UnitReport};
 
 pub(crate) use gpu::driver_err;

@@ -262,15 +262,32 @@ pub(crate) struct Scratch {
     _owned: Option<CudaSlice<u8>>,
 }
 
+/// Where a call's scratch comes from.
+pub enum WorkspaceFrom<'a> {
+    /// Allocated on the call's stream, freed in its order.
+    Stream,
+    /// The caller's workspace, at least as large as the call needs.
+    Given(Workspace),
+    /// The caller's allocator (a framework's caching allocator, say), asked once the call's checks have passed
+    /// for the bytes it needs (never for 0); the memory must stay allocated until the queued work has run.
+    Allocator(&'a mut dyn FnMut(usize) -> Result<Workspace>),
+}
+
+impl From<Option<Workspace>> for WorkspaceFrom<'_> {
+    fn from(workspace: Option<Workspace>) -> Self {
+        workspace.map_or(WorkspaceFrom::Stream, WorkspaceFrom::Given)
+    }
+}
+
 impl Gpu {
-    /// `bytes` of scratch for a call on `stream`, from `workspace` when given.
-    pub(crate) fn scratch(
-        &self,
-        stream: &Arc<CudaStream>,
-        workspace: Option<Workspace>,
-        bytes: usize,
-    ) -> Result<Scratch> {
-        if let Some(ws) = workspace {
+    /// `bytes` of scratch for a call on `stream`, from where `from` says.
+    pub(crate) fn scratch(&self, stream: &Arc<CudaStream>, from: WorkspaceFrom, bytes: usize) -> Result<Scratch> {
+        let given = match from {
+            WorkspaceFrom::Given(ws) => Some(ws),
+            WorkspaceFrom::Allocator(alloc) if bytes > 0 => Some(alloc(bytes)?),
+            _ => None,
+        };
+        if let Some(ws) = given {
             super::checks::workspace(self, &ws, bytes)?;
             return Ok(Scratch { ptr: ws.ptr, _owned: None });
         }
