@@ -228,7 +228,7 @@ mod host {
                 why: format!("this call needs {dtype}"),
             });
         }
-        if (t.ptr() == 0 && t.extent()? > 0) || t.ptr() % elem as u64 != 0 {
+        if (t.ptr() == 0 && t.extent()? > 0) || !t.ptr().is_multiple_of(elem as u64) {
             return Err(AttnError::Pointer { tensor: name, problem: format!("{:#x} is no {dtype} array", t.ptr()) });
         }
         Ok(())
