@@ -361,6 +361,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tdq, const Smem &sm, cons
             dq_step(st - 1);  // waits for every product in flight
         } else {
             wgmma_wait<0>();
+            __syncwarp();  // as dq_step does: every lane's reads of the stage before lane 0 releases it (H-6)
         }
         reg_fence(dv);
         reg_fence(dk);

@@ -233,6 +233,7 @@ DEVICE void consume(const AttnParams &p, const TmaMap &tout, const Smem &sm, int
     for (int round = 0;; ++round) {
         mbar_wait(sm.q_full(), round & 1);
         const int t = ld_shared(sm.tile);
+        __syncwarp();  // every lane's read before lane 0 releases the slot (NOTES H-6)
         if (t < 0) {
 #if STAGE_O
             if (lane == 0) bulk_wait_all();  // the last O stores are done before the CTA's shared memory goes
