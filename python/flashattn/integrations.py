@@ -104,13 +104,13 @@ def _packed_offsets(q: Tensor, kwargs: dict):
     return cu, cu, longest, longest
 
 
-def _unpad(x: Tensor, mask: Tensor):
-    """The rows of x (batch, seqlen, heads, dim) that `mask` (batch, seqlen) keeps, packed, with their indices,
-    offsets and longest length."""
+def _unpad(mask: Tensor, *xs: Tensor):
+    """The rows of each x (batch, seqlen, heads, dim) that `mask` (batch, seqlen) keeps, packed, with their
+    indices, offsets and the longest length."""
     lengths = mask.sum(dim=-1, dtype=torch.int32)
     indices = torch.nonzero(mask.flatten()).flatten()
     cu = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
-    rows = x.reshape(-1, x.shape[-2], x.shape[-1]).index_select(0, indices)
+    rows = [x.reshape(-1, x.shape[-2], x.shape[-1]).index_select(0, indices) for x in xs]
     return rows, indices, cu, int(lengths.max())
 
 
@@ -119,14 +119,13 @@ def _padded_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, options: di
     mask, queries by its last seqlen_q columns (left padding) or, one query per sequence, as they are."""
     batch, len_q = q.shape[:2]
     mask = mask.bool()
-    k_rows, _, cu_k, max_k = _unpad(k, mask)
-    v_rows = v.reshape(-1, v.shape[-2], v.shape[-1]).index_select(0, torch.nonzero(mask.flatten()).flatten())
+    (k_rows, v_rows), _, cu_k, max_k = _unpad(mask, k, v)
     if len_q == 1:
         q_rows = q.reshape(batch, q.shape[-2], q.shape[-1])
         indices = torch.arange(batch, device=q.device)
         cu_q, max_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device), 1
     else:
-        q_rows, indices, cu_q, max_q = _unpad(q, mask[:, -len_q:])
+        (q_rows,), indices, cu_q, max_q = _unpad(mask[:, -len_q:], q)
     out_rows = flash_attn_varlen_func(q_rows, k_rows, v_rows, cu_q, cu_k, max_q, max_k, **options)
     out = out_rows.new_zeros(batch * len_q, *out_rows.shape[1:])
     out = out.index_copy(0, indices, out_rows)

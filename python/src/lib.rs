@@ -408,6 +408,15 @@ mod gpu {
         Ok(unsafe { DeviceView::strided(t.ptr(), dtype, t.shape(), t.strides()) })
     }
 
+    /// Views of named tensors, in order.
+    fn views<const N: usize>(named: [(&str, &Tensor); N]) -> PyResult<[DeviceView; N]> {
+        let mut out = Vec::with_capacity(N);
+        for (name, t) in named {
+            out.push(view(name, t).map_err(to_py)?);
+        }
+        Ok(out.try_into().unwrap_or_else(|_| unreachable!("N views of N tensors")))
+    }
+
     /// The device-side inputs' views, kept alive for the call.
     struct Extras {
         alibi: Option<DeviceView>,
@@ -493,9 +502,7 @@ mod gpu {
         alloc: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let (gpu, stream) = open(ordinal, raw_stream).map_err(to_py)?;
-        let views = [view("q", q), view("k", k), view("v", v), view("out", out), view("lse", lse)];
-        let [q, k, v, out, lse] = views.map(|r| r.map_err(to_py));
-        let (q, k, v, out, lse) = (q?, k?, v?, out?, lse?);
+        let [q, k, v, out, lse] = views([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)])?;
         let extras = Extras::new(o).map_err(to_py)?;
         let opts = o.attn();
         let args = ForwardArgs { q: &q, k: &k, v: &v, out: &out, lse: &lse, opts: &opts, device: extras.inputs() };
@@ -511,27 +518,22 @@ mod gpu {
         alloc: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let (gpu, stream) = open(ordinal, raw_stream).map_err(to_py)?;
-        let names = ["q", "k", "v", "out", "lse", "dout"];
-        let mut ins = Vec::with_capacity(6);
-        for (name, t) in names.into_iter().zip(inputs) {
-            ins.push(view(name, t).map_err(to_py)?);
-        }
-        let mut outs = Vec::with_capacity(3);
-        for (name, t) in ["dq", "dk", "dv"].into_iter().zip(grads) {
-            outs.push(view(name, t).map_err(to_py)?);
-        }
+        let [q, k, v, out, lse, dout] = inputs;
+        let [q, k, v, out, lse, dout] =
+            views([("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("dout", dout)])?;
+        let [dq, dk, dv] = views([("dq", grads[0]), ("dk", grads[1]), ("dv", grads[2])])?;
         let extras = Extras::new(o).map_err(to_py)?;
         let opts = o.attn();
         let args = BackwardArgs {
-            q: &ins[0],
-            k: &ins[1],
-            v: &ins[2],
-            o: &ins[3],
-            lse: &ins[4],
-            dout: &ins[5],
-            dq: &outs[0],
-            dk: &outs[1],
-            dv: &outs[2],
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &out,
+            lse: &lse,
+            dout: &dout,
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
             opts: &opts,
             device: extras.inputs(),
         };
