@@ -78,6 +78,9 @@ struct KernelsArgs {
     /// Instead of reporting, compile every variant into the kernel cache (so later runs start at once).
     #[arg(long)]
     warm: bool,
+    /// Only the variants whose names contain this ("decode", "fwd-sm90a-bf16-d128").
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[cfg(feature = "cuda")]
@@ -99,7 +102,7 @@ fn kernels(args: &KernelsArgs) -> Result<(), String> {
     );
     let mut bad = Vec::new();
     for arch in &args.arch {
-        flashattn::cuda::check_kernels(arch, |unit| {
+        flashattn::cuda::check_kernels(arch, args.only.as_deref(), |unit| {
             let (variant, arch) = (unit.name, unit.arch);
             for r in &unit.resources {
                 println!(

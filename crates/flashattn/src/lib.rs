@@ -20,6 +20,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod kvcache;
 mod mask;
 pub mod problem;
 pub mod reference;
@@ -28,6 +29,7 @@ pub mod tensor;
 pub use cpu::Isa;
 pub use dtype::{DType, Element};
 pub use error::{AttnError, Result};
+pub use kvcache::{forward_kvcache, BlockTable, KvCache};
 pub use problem::{AttnOptions, Plan, VarLen, Window};
 pub use tensor::{TensorLayout, TensorRef};
 

@@ -433,7 +433,7 @@ impl Plan {
     }
 }
 
-fn same(what: &'static str, a: (&'static str, usize), b: (&'static str, usize)) -> Result<()> {
+pub(crate) fn same(what: &'static str, a: (&'static str, usize), b: (&'static str, usize)) -> Result<()> {
     if a.1 != b.1 {
         return Err(AttnError::Mismatch { what, tensor_a: a.0, a: a.1, tensor_b: b.0, b: b.1 });
     }
@@ -451,7 +451,7 @@ fn stride_error(name: &'static str, t: &(impl TensorLayout + ?Sized), problem: S
 }
 
 /// The last dimension is contiguous and every element lies inside the buffer.
-fn check_strides(name: &'static str, t: &(impl TensorLayout + ?Sized)) -> Result<()> {
+pub(crate) fn check_strides(name: &'static str, t: &(impl TensorLayout + ?Sized)) -> Result<()> {
     if *t.strides().last().unwrap_or(&1) != 1 {
         return Err(stride_error(name, t, "the last (head_dim) dimension must be contiguous (stride 1)".into()));
     }
@@ -503,7 +503,7 @@ pub(crate) fn validate_cu_seqlens(name: &'static str, cu: &[i32], total: usize) 
     Ok(cu.iter().map(|&c| c as usize).collect())
 }
 
-fn mask_spec(opts: &AttnOptions, batch: usize, heads_q: usize, d: usize) -> Result<MaskSpec> {
+pub(crate) fn mask_spec(opts: &AttnOptions, batch: usize, heads_q: usize, d: usize) -> Result<MaskSpec> {
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
     if !scale.is_finite() {
         return Err(AttnError::option("scale", "a finite number", scale));

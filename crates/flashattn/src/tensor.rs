@@ -61,3 +61,25 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     }
     strides
 }
+
+/// The tensor's elements in row-major order (a copy only when it is strided).
+pub(crate) fn row_major<'a, T: crate::Element>(t: &'a TensorRef<T>) -> std::borrow::Cow<'a, [T]> {
+    let n: usize = t.numel();
+    if t.strides == contiguous_strides(&t.shape) {
+        return std::borrow::Cow::Borrowed(&t.data[..n]);
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; t.shape.len()];
+    for _ in 0..n {
+        let off: usize = idx.iter().zip(&t.strides).map(|(i, s)| i * s).sum();
+        out.push(t.data[off]);
+        for ax in (0..idx.len()).rev() {
+            idx[ax] += 1;
+            if idx[ax] < t.shape[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}

@@ -5,27 +5,10 @@
 
 mod common;
 
-use common::{any_case, check_case, inputs, Case};
+use common::{any_case, check_case, gpu, inputs, Case};
 use flashattn::{AttnError, AttnOptions, Backend, DType, TensorRef};
 use half::bf16;
 use proptest::prelude::*;
-use std::io::Write;
-
-/// The GPU backend, or None after saying (once, past the test harness's output capture) why the test is skipped.
-fn gpu(test: &str) -> Option<Backend> {
-    if flashattn::cuda::is_available() {
-        return Some(Backend::Cuda(0));
-    }
-    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut said = SAID.lock().unwrap();
-    if !said.iter().any(|t| t == test) {
-        said.push(test.to_string());
-        let why =
-            flashattn::cuda::device_count().err().map_or("no CUDA GPU or no NVRTC".to_string(), |e| e.to_string());
-        let _ = writeln!(std::io::stderr(), "cuda test {test} SKIPPED: {why}");
-    }
-    None
-}
 
 const HEAD_DIMS: [usize; 13] = [8, 16, 32, 40, 64, 72, 96, 128, 136, 160, 192, 224, 256];
 

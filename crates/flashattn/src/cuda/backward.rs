@@ -139,7 +139,7 @@ impl Gpu {
         };
         // SAFETY (all launches): the parameter block matches the kernels'; every pointer was checked to cover
         // what the plan reads and writes, and the scratch stays alive until the launches are queued.
-        unsafe { stream.launch_builder(loaded.preprocess.as_ref().unwrap()).arg(&p).launch(pre) }
+        unsafe { stream.launch_builder(loaded.before.as_ref().unwrap()).arg(&p).launch(pre) }
             .map_err(driver_err("launching the backward preprocess"))?;
         let main = LaunchConfig {
             grid_dim: (max_k.div_ceil(variant.bwd_block_n()).max(1) as u32, plan.heads_kv as u32, plan.batch as u32),
@@ -173,7 +173,7 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let rows = rows as i64;
-        unsafe { stream.launch_builder(loaded.convert.as_ref().unwrap()).arg(&pc).arg(&rows).launch(conv) }
+        unsafe { stream.launch_builder(loaded.after.as_ref().unwrap()).arg(&pc).arg(&rows).launch(conv) }
             .map_err(driver_err("launching the dq conversion"))?;
         drop(scratch);
         Ok(layout.bytes)

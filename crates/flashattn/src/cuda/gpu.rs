@@ -51,8 +51,10 @@ pub fn is_available() -> bool {
 /// A compiled variant's kernels (each holds its module).
 pub(crate) struct Loaded {
     pub main: CudaFunction,
-    pub preprocess: Option<CudaFunction>,
-    pub convert: Option<CudaFunction>,
+    /// The pass's kernels around the main one: the backward's preprocess and dQ conversion, decode's append
+    /// and combine.
+    pub before: Option<CudaFunction>,
+    pub after: Option<CudaFunction>,
     /// Clusters of the main kernel (CTAs, for a variant launched without clusters) that run on the GPU at once:
     /// as many as a persistent kernel launches.
     pub resident: usize,
@@ -216,9 +218,10 @@ impl Gpu {
         use cudarc::driver::sys::CUfunction_attribute as F;
         main.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(driver_err("raising the shared-memory limit"))?;
-        let (preprocess, convert) = match variant.pass {
+        let (before, after) = match variant.pass {
             Pass::Forward => (None, None),
             Pass::Backward => (Some(function("flash_bwd_preprocess")?), Some(function("flash_bwd_dq_convert")?)),
+            Pass::Decode => (Some(function("kv_append")?), Some(function("decode_combine")?)),
         };
         let cluster = variant.cluster();
         let resident = if cluster > 1 {
@@ -237,10 +240,16 @@ impl Gpu {
                 }
                 n => n,
             }
+        } else if variant.pass == Pass::Decode {
+            // Decode splits its keys to fill the CTAs that run at once (two per SM at d <= 128 on sm_90).
+            let per_sm = main
+                .occupancy_max_active_blocks_per_multiprocessor(variant.threads(), smem, None)
+                .map_err(driver_err("reading the decode kernel's occupancy"))?;
+            self.sm_count * (per_sm as usize).max(1)
         } else {
             self.sm_count
         };
-        let loaded = Arc::new(Loaded { main, preprocess, convert, resident });
+        let loaded = Arc::new(Loaded { main, before, after, resident });
         self.loaded.lock().unwrap().insert(variant, loaded.clone());
         Ok(loaded)
     }

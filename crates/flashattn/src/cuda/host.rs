@@ -7,7 +7,7 @@ use super::tensor::{view_of, DeviceDType, DeviceTensor, DeviceView};
 use crate::dtype::{DType, Element};
 use crate::error::{AttnError, Result};
 use crate::problem::{AttnOptions, Plan};
-use crate::tensor::{contiguous_strides, Qkv, TensorRef};
+use crate::tensor::{Qkv, TensorRef};
 use cudarc::driver::CudaSlice;
 use std::sync::atomic::Ordering;
 
@@ -157,28 +157,6 @@ impl Gpu {
         self.workspace.store(up.bytes() + scratch, Ordering::Relaxed);
         Ok(())
     }
-}
-
-/// The tensor's elements in row-major order (a copy only when it is strided).
-pub(crate) fn gather<'a, T: Element>(t: &'a TensorRef<T>) -> std::borrow::Cow<'a, [T]> {
-    let n: usize = t.shape.iter().product();
-    if t.strides == contiguous_strides(&t.shape) {
-        return std::borrow::Cow::Borrowed(&t.data[..n]);
-    }
-    let mut out = Vec::with_capacity(n);
-    let mut idx = vec![0usize; t.shape.len()];
-    for _ in 0..n {
-        let off: usize = idx.iter().zip(&t.strides).map(|(i, s)| i * s).sum();
-        out.push(t.data[off]);
-        for ax in (0..idx.len()).rev() {
-            idx[ax] += 1;
-            if idx[ax] < t.shape[ax] {
-                break;
-            }
-            idx[ax] = 0;
-        }
-    }
-    std::borrow::Cow::Owned(out)
 }
 
 /// Forward on host tensors: uploads, runs, downloads (the `Backend::Cuda` path).

@@ -11,6 +11,7 @@ const FWD: &str = include_str!("kernels/flash_fwd.cu");
 const BWD: &str = include_str!("kernels/flash_bwd.cu");
 const FWD_SM90: &str = include_str!("kernels/flash_fwd_sm90.cu");
 const BWD_SM90: &str = include_str!("kernels/flash_bwd_sm90.cu");
+const DECODE: &str = include_str!("kernels/flash_decode.cu");
 
 /// The kernels' headers, by the names the sources include them by.
 const HEADERS: [(&str, &str); 4] = [
@@ -33,6 +34,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 pub enum Pass {
     Forward,
     Backward,
+    /// The forward of new queries against a KV cache (portable family only), with its combine and append kernels.
+    Decode,
 }
 
 /// Which kernel design a variant is.
@@ -60,12 +63,20 @@ pub struct Variant {
     /// Compiled for sm_90 or newer (the backward stages dQ in shared memory for bulk reductions).
     pub sm90: bool,
     /// At least `LONG_QUERIES` query rows, where larger tiles pay off; set only where it changes the tiles (see
-    /// `Variant::for_queries`).
+    /// `Variant::for_queries`). For decode: more than 16 rows per KV head (queries x group), which take 32-row
+    /// blocks (`DECODE_LONG_ROWS`).
     pub long: bool,
 }
 
 /// Query rows from which a problem counts as long (`Variant::long`).
 pub const LONG_QUERIES: usize = 2048;
+
+/// Decode: rows (query heads x new queries of one KV head) from which 32-row blocks are used (up to head dim 128,
+/// where the accumulators of two m16 tiles fit the registers).
+pub const DECODE_LONG_ROWS: usize = 17;
+/// Decode: keys per shared-memory block (16 per warp) and warps.
+pub(crate) const DECODE_BLOCK_N: usize = 64;
+const DECODE_WARPS: usize = 4;
 
 /// Forward tiles: query rows per CTA, key rows per shared-memory block, keys per softmax sub-block, warps, and
 /// the unrolling of the Q K^T loop (0: full).
@@ -134,10 +145,14 @@ enum OStaging {
 const SM90_SMEM: usize = 227 << 10;
 
 /// The Hopper family's head dimension for `d` in `pass` (rounded up to a multiple of 64), or None when the
-/// portable family takes it: below 64 the 64-column TMA box would be wider than the tensor, and above 128 the
+/// portable family takes it (decode always): below 64 the 64-column TMA box would be wider than the tensor, and above 128 the
 /// backward's dK and dV do not fit a consumer's registers.
 pub fn hopper_head_dim(d: usize, pass: Pass) -> Option<usize> {
-    let max = if pass == Pass::Forward { MAX_HEAD_DIM } else { 128 };
+    let max = match pass {
+        Pass::Forward => MAX_HEAD_DIM,
+        Pass::Backward => 128,
+        Pass::Decode => return None,
+    };
     ((64..=max).contains(&d) && d.is_multiple_of(8)).then(|| d.div_ceil(64) * 64)
 }
 
@@ -232,6 +247,13 @@ impl Variant {
         }
     }
 
+    /// The decode variant for `rows` rows per KV head (queries x group); masks and score modifiers are decided
+    /// at run time, where a memory-bound kernel can afford it.
+    pub fn decode(dtype: DType, hdim: usize, sm90: bool, rows: usize) -> Variant {
+        let long = rows >= DECODE_LONG_ROWS && hdim <= 128;
+        Variant { family: Family::Portable, pass: Pass::Decode, dtype, hdim, masked: false, has_mod: false, sm90, long }
+    }
+
     /// Query rows per CTA (per tile, for the persistent Hopper forward; per step for the backwards).
     pub fn block_m(&self) -> usize {
         match (self.family, self.pass) {
@@ -239,6 +261,7 @@ impl Variant {
             (Family::Hopper, Pass::Backward) => hopper_bwd_block_m(self.hdim),
             (_, Pass::Forward) => self.fwd_tiles().block_m,
             (_, Pass::Backward) => self.bwd_tiles().block_m,
+            (_, Pass::Decode) => 16 * self.decode_m_tiles(),
         }
     }
 
@@ -265,6 +288,7 @@ impl Variant {
             (Family::Hopper, Pass::Backward) => 384,
             (_, Pass::Forward) => 32 * self.fwd_tiles().warps as u32,
             (_, Pass::Backward) => 32 * self.bwd_tiles().warps as u32,
+            (_, Pass::Decode) => 32 * DECODE_WARPS as u32,
         }
     }
 
@@ -281,6 +305,7 @@ impl Variant {
             (Family::Hopper, Pass::Backward) => "flash_bwd_sm90",
             (_, Pass::Forward) => "flash_fwd",
             (_, Pass::Backward) => "flash_bwd",
+            (_, Pass::Decode) => "flash_decode",
         }
     }
 
@@ -311,6 +336,23 @@ impl Variant {
                 let staging = if self.sm90 { t.block_m * (self.hdim + 8) * 4 } else { 0 };
                 (2 * n + 4 * t.block_m) * row + n * (t.block_m + 8) * 2 + 4 * t.block_m * 4 + staging
             }
+            // Q, then the K/V ring.
+            (_, Pass::Decode) => (self.block_m() + 2 * self.decode_stages() * DECODE_BLOCK_N) * row,
+        }
+    }
+
+    /// Decode: m16 row tiles per block, 2 for long variants.
+    fn decode_m_tiles(&self) -> usize {
+        1 + self.long as usize
+    }
+
+    /// Decode: depth of the K/V ring. Decode is bound by memory: on sm_90 three stages at up to head dim 128 (109
+    /// KB, two CTAs per SM), else two (at d = 128 the 74 KB fit the 99 KB of consumer GPUs).
+    fn decode_stages(&self) -> usize {
+        if self.sm90 && self.hdim <= 128 {
+            3
+        } else {
+            2
         }
     }
 
@@ -362,6 +404,7 @@ impl Variant {
             (Family::Hopper, Pass::Backward) => "bwd-sm90a",
             (_, Pass::Forward) => "fwd",
             (_, Pass::Backward) => "bwd",
+            (_, Pass::Decode) => "decode",
         };
         let mut name = format!("{pass}-{}-d{}", self.dtype, self.hdim);
         if self.masked {
@@ -394,6 +437,7 @@ impl Variant {
             (Family::Hopper, Pass::Backward) => BWD_SM90,
             (_, Pass::Forward) => FWD,
             (_, Pass::Backward) => BWD,
+            (_, Pass::Decode) => DECODE,
         };
         let mut headers = headers();
         if self.family == Family::Hopper {
@@ -413,6 +457,7 @@ impl Variant {
                 ("WGMMA_RS", Wgmma::RS, self.hdim),
                 ("WGMMA_TT", Wgmma::TT, self.hopper_dq_cols()),
             ],
+            Pass::Decode => Vec::new(),
         };
         format!("#pragma once\n#include \"elem.cuh\"\n\n{}", wgmma_macros(&uses, self.dtype))
     }
@@ -470,6 +515,14 @@ impl Variant {
                     format!("-DDQ_PARTS={}", t.dq_parts(self.hdim)),
                 ]);
             }
+            (_, Pass::Decode) => {
+                d.extend([
+                    format!("-DMT={}", self.decode_m_tiles()),
+                    format!("-DBLOCK_N={DECODE_BLOCK_N}"),
+                    format!("-DSTAGES={}", self.decode_stages()),
+                    format!("-DNWARPS={DECODE_WARPS}"),
+                ]);
+            }
         }
         d.extend(extra_defines().iter().cloned());
         d
@@ -504,6 +557,16 @@ impl Variant {
                     for hdim in (64..=MAX_HEAD_DIM).step_by(64).filter(|&d| hopper_head_dim(d, pass).is_some()) {
                         each_switch(Family::Hopper, pass, dtype, hdim);
                     }
+                }
+            }
+        }
+        for dtype in [DType::BF16, DType::F16] {
+            for hdim in (32..=MAX_HEAD_DIM).step_by(32) {
+                let short = Variant::decode(dtype, hdim, sm90, 1);
+                let long = Variant::decode(dtype, hdim, sm90, DECODE_LONG_ROWS);
+                v.push(short);
+                if long != short {
+                    v.push(long);
                 }
             }
         }

@@ -12,8 +12,8 @@
 //!
 //! Layout: `gpu` (device, context, module store), `tensor` (views, workspaces, owned buffers), `call` (a call's
 //! arguments and shared checks), `checks` (every argument check), `select` (the kernel decision), `kernels` (a
-//! variant's tiles, defines and sources), `tuning` (every `FLASHATTN_*` override), `forward` and `backward`
-//! (launches), `host` (the owned and host-slice layers), `units` and `compile` (NVRTC, given the kernels' headers
+//! variant's tiles, defines and sources), `tuning` (every `FLASHATTN_*` override), `forward`, `backward` and
+//! `decode` (launches), `host` (the owned and host-slice layers), `units` and `compile` (NVRTC, given the kernels' headers
 //! as named headers, and its cache).
 //!
 //! Nothing here knows the approximations: they build on this module (`approx/cuda.rs`), with their kernels as an
@@ -25,6 +25,7 @@ mod call;
 mod checks;
 mod cluster;
 pub mod compile;
+mod decode;
 mod forward;
 mod gpu;
 mod host;
@@ -40,6 +41,8 @@ pub use call::{BackwardArgs, DeviceInputs, DeviceVarLen, ForwardArgs};
 /// The cudarc this crate is built with: its streams, buffers and graphs are the borrowed API's.
 pub use cudarc;
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+pub(crate) use decode::decode_host;
+pub use decode::{DecodeArgs, MAX_DECODE_SPLITS};
 pub use gpu::{device_count, driver_present, is_available, Gpu};
 pub(crate) use host::{backward_host, forward_host};
 pub use tensor::{DeviceDType, DeviceTensor, DeviceView, Workspace, WorkspaceFrom};

@@ -33,3 +33,9 @@ pub(crate) fn variant(
         _ => Ok(portable),
     }
 }
+
+/// The decode variant for `rows` query rows per KV head (new queries x query heads per KV head).
+pub(crate) fn decode(arch: (i32, i32), dtype: DType, head_dim: usize, rows: usize) -> Result<Variant> {
+    let hdim = kernels::padded_head_dim(head_dim)?;
+    Ok(Variant::decode(dtype, hdim, arch.0 >= 9, rows))
+}

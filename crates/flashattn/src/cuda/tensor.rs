@@ -191,7 +191,7 @@ impl Gpu {
     /// Copies a host tensor (f16 or bf16) to the GPU, contiguous.
     pub fn upload<T: crate::Element>(&self, t: &crate::TensorRef<T>) -> Result<DeviceTensor> {
         let dtype = gpu_dtype(T::DTYPE)?;
-        let data = super::host::gather(t);
+        let data = crate::tensor::row_major(t);
         // SAFETY: f16 and bf16 are 16-bit plain values; the slice is reinterpreted without changing its bytes.
         let bits: &[u16] = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u16, data.len()) };
         let buf = self.stream.clone_htod(bits).map_err(driver_err("copying to the GPU"))?;

@@ -61,11 +61,12 @@ pub struct UnitReport<'a> {
     pub resources: Vec<compile::Resources>,
 }
 
-/// Compiles every kernel unit for `arch` (no GPU needed), in parallel, with ptxas' resource report; calls
-/// `on_unit` in order with each unit's report. Errors on a failed compilation.
-pub fn check_kernels(arch: &str, mut on_unit: impl FnMut(UnitReport)) -> Result<()> {
+/// Compiles every kernel unit for `arch` (no GPU needed), or those whose names contain `only`, in parallel, with
+/// ptxas' resource report; calls `on_unit` in order with each unit's report. Errors on a failed compilation.
+pub fn check_kernels(arch: &str, only: Option<&str>, mut on_unit: impl FnMut(UnitReport)) -> Result<()> {
     use rayon::prelude::*;
-    let units = Unit::all(arch);
+    let mut units = Unit::all(arch);
+    units.retain(|u| only.is_none_or(|o| u.name.contains(o)));
     let reports: Vec<Result<Vec<compile::Resources>>> = units
         .par_iter()
         .map(|u| {

@@ -367,3 +367,20 @@ pub fn any_case(dtypes: Vec<DType>, head_dims: Vec<usize>) -> impl Strategy<Valu
             },
         )
 }
+
+/// The GPU backend, or None after saying (once, past the test harness's output capture) why the test is skipped.
+#[cfg(feature = "cuda")]
+pub fn gpu(test: &str) -> Option<Backend> {
+    if flashattn::cuda::is_available() {
+        return Some(Backend::Cuda(0));
+    }
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap();
+    if !said.iter().any(|t| t == test) {
+        said.push(test.to_string());
+        let why =
+            flashattn::cuda::device_count().err().map_or("no CUDA GPU or no NVRTC".to_string(), |e| e.to_string());
+        let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("cuda test {test} SKIPPED: {why}\n"));
+    }
+    None
+}
