@@ -246,3 +246,14 @@ def attention(*inputs) -> Tuple[Tensor, Tensor]:
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:3]):
         return _Eager.apply(*inputs)
     return _forward(*inputs)
+
+
+def decode_into(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, block_table: Optional[Tensor],
+                new: Optional[Tuple[Tensor, Tensor]], out: Tensor, lse: Tensor, opts: _Options,
+                num_splits: int) -> None:
+    """Attention of `q` against a KV cache into contiguous `out` and `lse`, appending `new` to the caches first."""
+    described_new = None if new is None else (_describe(new[0]), _describe(new[1]))
+    table = None if block_table is None else _describe(block_table)
+    _core.decode(_describe(q), _describe(k_cache), _describe(v_cache), _describe(cache_seqlens), table,
+                 described_new, _describe(out), _describe(lse), opts.items, int(num_splits), _device(q),
+                 _allocator(q.device))

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._ops import attention
+from ._ops import _aligned, _Options, attention, decode_into
 
 Tensor = torch.Tensor
 
@@ -136,3 +136,86 @@ def flash_attn_varlen_func(
     out, lse = _run(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    cache_seqlens=None,
+    cache_batch_idx: Optional[Tensor] = None,
+    cache_leftpad: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """Attention of a few new queries per sequence against a key/value cache (decoding, speculative decoding,
+    chunked prefill), optionally appending new keys and values to the cache in place first. No autograd.
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim).
+        k_cache, v_cache: (batch, capacity, heads_kv, head_dim), or with `block_table` a paged cache
+            (num_blocks, page_size, heads_kv, head_dim), any page size (16 and up are typical).
+        k, v: (batch, seqlen_new, heads_kv, head_dim): written into the caches at positions
+            cache_seqlens[b] .. cache_seqlens[b] + seqlen_new, which the queries then attend to as well.
+        rotary_cos, rotary_sin, rotary_interleaved: not implemented (apply rotary embeddings to q and k first).
+        cache_seqlens: int or int32 (batch,) tokens in each cache before the new ones; None means full caches.
+        cache_batch_idx, cache_leftpad: not implemented.
+        block_table: int32 (batch, max_blocks) page indices of each sequence's tokens, in order.
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as `flash_attn_func` (causal and windows
+            aligned bottom-right: the last query sits at the last key).
+        num_splits: on a GPU, 0 lets the library split the keys to fill the GPU; n > 0 splits into at most n
+            (1: never). The choice depends only on shapes, so calls can be captured in CUDA graphs.
+        return_softmax_lse: also return the log-sum-exp, float32 (batch, heads_q, seqlen_q).
+
+    Returns:
+        out (batch, seqlen_q, heads_q, head_dim), or (out, softmax_lse) with return_softmax_lse.
+
+    The lengths and page indices stay on the device and are not read back: a length past the capacity or a
+    page outside the cache gives wrong results (never a write outside the caches).
+    """
+    for name, given in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_batch_idx", cache_batch_idx),
+                        ("cache_leftpad", cache_leftpad)):
+        if given is not None:
+            raise NotImplementedError(f"flash_attn_with_kvcache: {name} is not implemented; "
+                                      + ("apply rotary embeddings to q and k before the call" if "rotary" in name
+                                         else "pass None"))
+    if (k is None) != (v is None):
+        raise ValueError("flash_attn_with_kvcache: give both k and v to append, or neither")
+    _check(q, k_cache, v_cache, 0.0, 4)
+    for name, t in (("k", k), ("v", v), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if isinstance(t, Tensor) and t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, is on {t.device}")
+    if block_table is not None and block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must be int32, got {block_table.dtype}")
+    batch = q.shape[0]
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None and block_table.dim() == 2 else 1)
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("flash_attn_with_kvcache: appending k and v needs cache_seqlens (the caches are full)")
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    elif cache_seqlens.dtype != torch.int32:
+        raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    left, right = _window(window_size, causal)
+    opts = _Options(softmax_scale, causal, left, right, softcap, False, alibi_slopes, None, None, 0, 0)
+    q = _aligned(q)
+    new = None if k is None else (_aligned(k), _aligned(v))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    decode_into(q, k_cache, v_cache, cache_seqlens.contiguous(),
+                None if block_table is None else block_table.contiguous(), new, out, lse, opts, num_splits)
+    return (out, lse) if return_softmax_lse else out

@@ -151,6 +151,50 @@ fn backward(
     }
 }
 
+/// Attention of new queries `q` against a KV cache (`k_cache`, `v_cache`, contiguous or paged by `block_table`,
+/// int32 `cache_seqlens` tokens each), after appending `new` = (k, v) when given; `out` and `lse` written in
+/// place. `num_splits`: 0 lets the library choose (GPU).
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, block_table, new, out, lse, options, num_splits, device=None, alloc=None))]
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    py: Python<'_>,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Option<Tensor>,
+    new: Option<(Tensor, Tensor)>,
+    out: Tensor,
+    lse: Tensor,
+    options: Options,
+    num_splits: usize,
+    device: Option<(usize, usize)>,
+    alloc: Option<Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let cache = Cache { q, k: k_cache, v: v_cache, seqlens: cache_seqlens, table: block_table, new };
+    match device {
+        None => py.detach(|| host::decode(&cache, &out, &lse, &options)).map_err(to_py),
+        #[cfg(feature = "cuda")]
+        Some(dev) => gpu::decode(py, dev, &cache, (&out, &lse), &options, num_splits, alloc),
+        #[cfg(not(feature = "cuda"))]
+        Some(_) => {
+            let _ = num_splits;
+            Err(to_py(no_cuda(alloc)))
+        }
+    }
+}
+
+/// The inputs of a decode call.
+struct Cache {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seqlens: Tensor,
+    table: Option<Tensor>,
+    new: Option<(Tensor, Tensor)>,
+}
+
 /// Offsets of one side only.
 fn one_offset() -> AttnError {
     AttnError::Option {
@@ -201,6 +245,7 @@ fn cuda_available() -> bool {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     Ok(())
@@ -352,6 +397,61 @@ mod host {
         }
     }
 
+    pub(super) fn decode(c: &Cache, out: &Tensor, lse: &Tensor, o: &Options) -> Result<(), AttnError> {
+        match dtype_of(&c.q)? {
+            DType::F32 => decode_as::<f32>(c, out, lse, o),
+            DType::F16 => decode_as::<f16>(c, out, lse, o),
+            DType::BF16 => decode_as::<bf16>(c, out, lse, o),
+        }
+    }
+
+    fn decode_as<T: Element>(c: &Cache, out: &Tensor, lse: &Tensor, o: &Options) -> Result<(), AttnError> {
+        let e = std::mem::size_of::<T>();
+        let mut inputs = vec![("q", &c.q, e), ("cache_seqlens", &c.seqlens, 4)];
+        inputs.extend(c.table.iter().map(|t| ("block_table", t, 4)));
+        inputs.extend(c.new.iter().flat_map(|(k, v)| [("k", k, e), ("v", v, e)]));
+        disjoint(&[("out", out, e), ("lse", lse, 4), ("k_cache", &c.k, e), ("v_cache", &c.v, e)], &inputs)?;
+        let opts = attn_options(o)?;
+        let t = torch_name(T::DTYPE);
+        let bad_shape = |tensor, expected: String, got: &[usize]| AttnError::Shape { tensor, expected, got: got.to_vec() };
+        let shape: [usize; 4] = c.k.shape().try_into().map_err(|_| {
+            let layouts = "(batch, capacity, heads_kv, head_dim) or (num_blocks, page_size, heads_kv, head_dim)";
+            bad_shape("k_cache", format!("4 dimensions {layouts}"), c.k.shape())
+        })?;
+        if c.v.shape() != shape {
+            return Err(bad_shape("v_cache", format!("k_cache's shape {shape:?}"), c.v.shape()));
+        }
+        // SAFETY: the Python package passes live CPU tensors; the caches and outputs overlap nothing (checked
+        // above), and the caches are written only when new keys and values are given.
+        unsafe {
+            let q = view::<T>("q", &c.q)?;
+            let new = match &c.new {
+                Some((k, v)) => Some((view::<T>("k", k)?, view::<T>("v", v)?)),
+                None => None,
+            };
+            let seqlens = contiguous::<i32>("cache_seqlens", &c.seqlens, "int32")?;
+            let table = match &c.table {
+                Some(tb) => {
+                    let max_blocks = tb.shape().get(1).copied().unwrap_or(0);
+                    Some(flashattn::BlockTable { pages: contiguous::<i32>("block_table", tb, "int32")?, max_blocks })
+                }
+                None => None,
+            };
+            let cache = flashattn::KvCache {
+                k: output::<T>("k_cache", &c.k, t)?,
+                v: output::<T>("v_cache", &c.v, t)?,
+                shape,
+                block_table: table,
+                seqlens,
+            };
+            let (out, lse) = (output::<T>("out", out, t)?, output::<f32>("lse", lse, "float32")?);
+            let got = flashattn::forward_kvcache(&q, cache, new.as_ref().map(|(k, v)| (k, v)), &opts, Backend::cpu()?)?;
+            out.copy_from_slice(&got.out);
+            lse.copy_from_slice(&got.lse);
+        }
+        Ok(())
+    }
+
     pub(super) fn backward(inputs: &[&Tensor; 6], grads: &[&Tensor; 3], o: &Options) -> Result<(), AttnError> {
         match dtype_of(inputs[0])? {
             DType::F32 => backward_as::<f32>(inputs, grads, o),
@@ -386,7 +486,8 @@ mod host {
 mod gpu {
     use super::*;
     use flashattn::cuda::{
-        BackwardArgs, DeviceDType, DeviceInputs, DeviceVarLen, DeviceView, ForwardArgs, Gpu, Workspace, WorkspaceFrom,
+        BackwardArgs, DecodeArgs, DeviceDType, DeviceInputs, DeviceVarLen, DeviceView, ForwardArgs, Gpu, Workspace,
+        WorkspaceFrom,
     };
 
     fn view(name: &str, t: &Tensor) -> Result<DeviceView, AttnError> {
@@ -538,5 +639,46 @@ mod gpu {
             device: extras.inputs(),
         };
         with_allocator(py, alloc, |ws| gpu.launch_backward_with(&stream, &args, ws))
+    }
+
+    pub(super) fn decode(
+        py: Python<'_>,
+        (ordinal, raw_stream): (usize, usize),
+        c: &Cache,
+        (out, lse): (&Tensor, &Tensor),
+        o: &Options,
+        num_splits: usize,
+        alloc: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let (gpu, stream) = open(ordinal, raw_stream).map_err(to_py)?;
+        let [q, k_cache, v_cache, seqlens, out, lse] = views([
+            ("q", &c.q),
+            ("k_cache", &c.k),
+            ("v_cache", &c.v),
+            ("cache_seqlens", &c.seqlens),
+            ("out", out),
+            ("lse", lse),
+        ])?;
+        let table = c.table.as_ref().map(|t| view("block_table", t)).transpose().map_err(to_py)?;
+        let new = match &c.new {
+            Some((k, v)) => Some(views([("k", k), ("v", v)])?),
+            None => None,
+        };
+        let alibi = o.alibi_slopes.as_ref().map(|t| view("alibi_slopes", t)).transpose().map_err(to_py)?;
+        let opts = o.attn();
+        let args = DecodeArgs {
+            q: &q,
+            k_cache: &k_cache,
+            v_cache: &v_cache,
+            cache_seqlens: &seqlens,
+            block_table: table.as_ref(),
+            new: new.as_ref().map(|[k, v]| (k, v)),
+            out: &out,
+            lse: &lse,
+            opts: &opts,
+            alibi_slopes: alibi.as_ref(),
+            num_splits,
+        };
+        with_allocator(py, alloc, |ws| gpu.launch_decode_with(&stream, &args, ws))
     }
 }

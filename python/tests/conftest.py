@@ -10,8 +10,9 @@ import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.bfloat16, torch.float16]}
-# Relative slack on top of twice the same-dtype reference's error.
-SLACK = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+# Relative slack on top of twice the same-dtype reference's error: about two units in the last place of the
+# largest value (bf16 2^-7, f16 2^-10), since rounding a result to the dtype alone may cost one.
+SLACK = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 SEED = int(os.environ.get("FLASHATTN_TEST_SEED", random.randrange(1 << 30)))
 

@@ -60,9 +60,16 @@ pub struct BenchArgs {
     /// Batch size [default: 16384 / seqlen, at least 1].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Sequence lengths to sweep (comma-separated); seqlen_q = seqlen_k.
+    /// Sequence lengths to sweep (comma-separated); seqlen_q = seqlen_k, or with --seqlen-q the KV cache's length.
     #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096,8192,16384")]
     pub seqlen: Vec<usize>,
+    /// New queries per sequence against a KV cache of --seqlen tokens (decoding, GPU): times the decode kernels
+    /// and reports the bandwidth reached beside a device-to-device copy [default batch 1, heads 32].
+    #[arg(long)]
+    pub seqlen_q: Option<usize>,
+    /// With --seqlen-q: the cache in pages of this many tokens, in a shuffled order.
+    #[arg(long)]
+    pub paged: Option<usize>,
     /// Causal mask.
     #[arg(long)]
     pub causal: bool,
@@ -141,6 +148,9 @@ struct Setup {
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
     let target = Target::resolve(&args.device, args.cpu_isa)?;
+    if let Some(seqlen_q) = args.seqlen_q {
+        return crate::decode::run(args, &target, seqlen_q);
+    }
     let (device, isa) = (target.device, target.isa);
     if args.seqlen.is_empty() || args.seqlen.contains(&0) {
         return Err("--seqlen: expected positive sequence lengths".into());

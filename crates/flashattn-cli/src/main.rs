@@ -3,6 +3,7 @@
 mod alloc;
 mod bench;
 mod compare;
+mod decode;
 mod device;
 mod npy;
 mod plot;
