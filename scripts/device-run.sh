@@ -6,10 +6,12 @@
 # compare.txt and compare.png for the approximations.
 #
 # With "python": the Python package's test suite on CUDA tensors (pytest.txt); with "prefill": the model-prefill
-# exercise (prefill.md, prefill.jsonl, prefill.png).
+# exercise (prefill.md, prefill.jsonl, prefill.png); with "decode": the KV-cache tests (GPU, sanitizers, Python) and
+# the decode benchmark beside SDPA's cuDNN and flash backends (decode_tests.txt, decode.md, decode.jsonl,
+# decode_cli.txt).
 #
 # Environment: STEPS (default "info tests sanitize bench"; also "ab" (needs ./stage/flashattn-before), "cpu",
-# "compare", "python" and "prefill" (both need ./stage/wheels)), SEQLENS, HEAD_DIMS, CASES (property-test cases),
+# "compare", "python", "prefill" and "decode" (these three need ./stage/wheels)), SEQLENS, HEAD_DIMS, CASES (property-test cases),
 # MIN_TIME, COMPARE_SEQLENS, PREFILL_SEQLENS, PREFILL_ARGS.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -137,7 +139,7 @@ if step compare; then
     } 2>&1 | tee "$OUT/compare.txt"
 fi
 
-if step python || step prefill; then
+if step python || step prefill || step decode; then
     # The wheel into a folder of its own (the machine's torch and transformers stay as they are).
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/flashattn-py ./stage/wheels/*.whl
     export PYTHONPATH=/tmp/flashattn-py:${PYTHONPATH:-}
@@ -158,4 +160,23 @@ import json, sys
 from flashattn import prefill
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print(prefill.table(rows, prefill.slopes(rows)))' "$OUT/prefill.jsonl" | tee "$OUT/prefill.md"
+fi
+
+if step decode; then
+    echo "== KV-cache attention: GPU tests, sanitizers, Python tests"
+    {
+        FLASHATTN_TEST_CASES=${DECODE_CASES:-300} ./stage/tests/kvcache 2>&1 | tail -8
+        for tool in memcheck racecheck; do
+            echo "-- $tool"
+            FLASHATTN_TEST_CASES=4 compute-sanitizer --tool $tool --error-exitcode 9 ./stage/tests/kvcache gpu_ long_ 2>&1 | tail -4
+            echo "exit ${PIPESTATUS[0]}"
+        done
+        PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider python/tests/test_kvcache.py 2>&1 | tail -5
+    } | tee "$OUT/decode_tests.txt"
+    echo "== decode benchmark"
+    PYTHONUNBUFFERED=1 python3 scripts/decode_bench.py ${DECODE_ARGS:-} --out "$OUT/decode.jsonl" | tee "$OUT/decode.md"
+    {
+        $FA bench --device cuda --seqlen-q 1 --heads 32 --heads-kv 8 --head-dim 128 --batch 1 --seqlen 2048,32768,131072 --min-time 0.2
+        $FA bench --device cuda --seqlen-q 1 --heads 32 --heads-kv 8 --head-dim 128 --batch 64 --seqlen 4096 --paged 16 --min-time 0.2
+    } 2>&1 | tee "$OUT/decode_cli.txt"
 fi

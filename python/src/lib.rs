@@ -413,7 +413,8 @@ mod host {
         disjoint(&[("out", out, e), ("lse", lse, 4), ("k_cache", &c.k, e), ("v_cache", &c.v, e)], &inputs)?;
         let opts = attn_options(o)?;
         let t = torch_name(T::DTYPE);
-        let bad_shape = |tensor, expected: String, got: &[usize]| AttnError::Shape { tensor, expected, got: got.to_vec() };
+        let bad_shape =
+            |tensor, expected: String, got: &[usize]| AttnError::Shape { tensor, expected, got: got.to_vec() };
         let shape: [usize; 4] = c.k.shape().try_into().map_err(|_| {
             let layouts = "(batch, capacity, heads_kv, head_dim) or (num_blocks, page_size, heads_kv, head_dim)";
             bad_shape("k_cache", format!("4 dimensions {layouts}"), c.k.shape())

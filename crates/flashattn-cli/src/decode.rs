@@ -302,7 +302,8 @@ mod gpu {
             _buffer: None,
             workspace: None,
         };
-        let bytes = subject.with_args(0, |args| gpu.prepare_decode(args).and_then(|_| gpu.decode_workspace_bytes(args)))?;
+        let bytes =
+            subject.with_args(0, |args| gpu.prepare_decode(args).and_then(|_| gpu.decode_workspace_bytes(args)))?;
         if bytes > 0 {
             let mut buffer = s.alloc_zeros::<u8>(bytes).map_err(err)?;
             subject.workspace = Some(Workspace::of_slice(&mut buffer, &s));

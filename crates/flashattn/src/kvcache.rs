@@ -290,9 +290,9 @@ pub fn forward_kvcache<T: Element>(
 
 /// Writes the new rows of one tensor (k or v) into its cache at each sequence's length.
 fn append<T: Element>(plan: &DecodePlan, table: Option<&[i32]>, cache: &mut [T], new: &TensorRef<T>, seqlens: &[i32]) {
-    for b in 0..plan.batch {
+    for (b, &len) in seqlens.iter().enumerate() {
         for t in 0..plan.seqlen_new {
-            let dst = plan.row_offset(table, b, seqlens[b] as usize + t);
+            let dst = plan.row_offset(table, b, len as usize + t);
             for h in 0..plan.heads_kv {
                 let src = b * new.strides[0] + t * new.strides[1] + h * new.strides[2];
                 cache[dst + h * plan.head_dim..][..plan.head_dim].copy_from_slice(&new.data[src..][..plan.head_dim]);

@@ -345,3 +345,127 @@ fn inconsistent_caches_are_typed_errors() {
     let e = flashattn::forward_kvcache(&qv, cache, None, &varlen, Backend::cpu().unwrap()).unwrap_err();
     assert!(matches!(e, AttnError::Unsupported { .. }), "{e}");
 }
+
+/// The borrowed API on a caller's stream, captured in a CUDA graph with a caller workspace and replayed as a
+/// serving loop does: each replay appends one token per sequence after the lengths were advanced in place.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_decode_steps_replay_in_a_graph() {
+    use flashattn::cuda::cudarc::driver::{sys, DevicePtr};
+    use flashattn::cuda::{DecodeArgs, DeviceDType, DeviceView, Gpu, Workspace};
+    if common::gpu("gpu_decode_steps_replay_in_a_graph").is_none() {
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let stream = gpu.context().new_stream().unwrap();
+    let (batch, hq, hkv, d, page) = (2, 8, 2, 64, 16);
+    let case = DecodeCase {
+        dtype: DType::BF16,
+        seqlens: vec![700, 33],
+        seqlen_q: 1,
+        seqlen_new: 1,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        page_size: Some(page),
+        capacity: 1024,
+        shared_pages: false,
+        causal: true,
+        window: (None, None),
+        softcap: None,
+        alibi: false,
+        seed: 5,
+    };
+    let mut rng = Rng::new(9);
+    let mut cache = Cache::<bf16>::new(&case, &mut rng);
+    let table = cache.table.clone().unwrap();
+    let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<u16>>();
+    let (gk, gv) = (stream.clone_htod(&bits(&cache.k)).unwrap(), stream.clone_htod(&bits(&cache.v)).unwrap());
+    let gtable = stream.clone_htod(&table).unwrap();
+    let mut gseqlens = stream.clone_htod(&[700i32, 33]).unwrap();
+    let q_shape = [batch, 1, hq, d];
+    let new_shape = [batch, 1, hkv, d];
+    let mut gq = stream.alloc_zeros::<u16>(batch * hq * d).unwrap();
+    let (mut gkn, mut gvn) =
+        (stream.alloc_zeros::<u16>(batch * hkv * d).unwrap(), stream.alloc_zeros::<u16>(batch * hkv * d).unwrap());
+    let gout = stream.alloc_zeros::<u16>(batch * hq * d).unwrap();
+    let glse = stream.alloc_zeros::<f32>(batch * hq).unwrap();
+    // SAFETY (all views): the buffers above outlive every launch and the graph.
+    let view = |addr: u64, dtype, shape: &[usize]| unsafe { DeviceView::contiguous(addr, dtype, shape) };
+    let bf = DeviceDType::BF16;
+    let (qv, kv, vv) = (
+        view(gq.device_ptr(&stream).0, bf, &q_shape),
+        view(gk.device_ptr(&stream).0, bf, &cache.shape),
+        view(gv.device_ptr(&stream).0, bf, &cache.shape),
+    );
+    let (knv, vnv) = (view(gkn.device_ptr(&stream).0, bf, &new_shape), view(gvn.device_ptr(&stream).0, bf, &new_shape));
+    let sv = view(gseqlens.device_ptr(&stream).0, DeviceDType::I32, &[batch]);
+    let tv = view(gtable.device_ptr(&stream).0, DeviceDType::I32, &[batch, cache.max_blocks]);
+    let (ov, lv) = (
+        view(gout.device_ptr(&stream).0, bf, &q_shape),
+        view(glse.device_ptr(&stream).0, DeviceDType::F32, &[batch, hq, 1]),
+    );
+    let opts = case.options();
+    let args = DecodeArgs {
+        q: &qv,
+        k_cache: &kv,
+        v_cache: &vv,
+        cache_seqlens: &sv,
+        block_table: Some(&tv),
+        new: Some((&knv, &vnv)),
+        out: &ov,
+        lse: &lv,
+        opts: &opts,
+        alibi_slopes: None,
+        num_splits: 0,
+    };
+    let bytes = gpu.decode_workspace_bytes(&args).unwrap();
+    assert!(bytes > 0, "two sequences of two KV heads should split their keys");
+    let mut ws = stream.alloc_zeros::<u8>(bytes).unwrap();
+    let ws = Workspace::of_slice(&mut ws, &stream);
+    gpu.prepare_decode(&args).unwrap();
+    stream.synchronize().unwrap();
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap();
+    gpu.launch_decode(&stream, &args, Some(ws)).unwrap();
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+
+    let mut lens = [700usize, 33];
+    for step in 0..3 {
+        let q = random_tensor::<bf16>(&mut rng, &q_shape, false).data;
+        let kn = random_tensor::<bf16>(&mut rng, &new_shape, false).data;
+        let vn = random_tensor::<bf16>(&mut rng, &new_shape, false).data;
+        stream.memcpy_htod(&bits(&q), &mut gq).unwrap();
+        stream.memcpy_htod(&bits(&kn), &mut gkn).unwrap();
+        stream.memcpy_htod(&bits(&vn), &mut gvn).unwrap();
+        let lens32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        stream.memcpy_htod(&lens32, &mut gseqlens).unwrap();
+        graph.launch().unwrap();
+        let out: Vec<u16> = stream.clone_dtoh(&gout).unwrap();
+        // The same step on the CPU, on the host copy of the cache.
+        let (qr, knr, vnr) =
+            (TensorRef::new(&q, &q_shape), TensorRef::new(&kn, &new_shape), TensorRef::new(&vn, &new_shape));
+        let want = flashattn::forward_kvcache(
+            &qr,
+            KvCache {
+                k: &mut cache.k,
+                v: &mut cache.v,
+                shape: cache.shape,
+                block_table: Some(BlockTable { pages: &table, max_blocks: cache.max_blocks }),
+                seqlens: &lens32,
+            },
+            Some((&knr, &vnr)),
+            &opts,
+            Backend::cpu().unwrap(),
+        )
+        .unwrap();
+        let err = out
+            .iter()
+            .zip(&want.out)
+            .map(|(&a, b)| (bf16::from_bits(a).to_f32() - b.to_f32()).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 2e-2, "step {step}: the replayed graph differs from the CPU by {err}");
+        let gk_host: Vec<u16> = stream.clone_dtoh(&gk).unwrap();
+        assert_eq!(gk_host, bits(&cache.k), "step {step}: the appended keys differ");
+        lens.iter_mut().for_each(|l| *l += 1);
+    }
+}
