@@ -10,7 +10,10 @@
 # the decode benchmark beside SDPA's cuDNN and flash backends (decode_tests.txt, decode.md, decode.jsonl,
 # decode_cli.txt).
 #
-# Environment: STEPS (default "info tests sanitize bench"; also "ab" (needs ./stage/flashattn-before), "cpu",
+# With "caps": the GPU tests and a memcheck under shared-memory caps of 99 and 163 KB (the tile tables of
+# consumer GPUs and of the A100), in caps.txt.
+#
+# Environment: STEPS (default "info tests sanitize bench"; also "ab" (needs ./stage/flashattn-before), "caps", "cpu",
 # "compare", "python", "prefill" and "decode" (these three need ./stage/wheels)), SEQLENS, HEAD_DIMS, CASES (property-test cases),
 # MIN_TIME, COMPARE_SEQLENS, PREFILL_SEQLENS, PREFILL_ARGS.
 set -uo pipefail
@@ -87,6 +90,25 @@ if step sanitize; then
             echo "exit ${PIPESTATUS[0]}"
         done
     } | tee "$OUT/sanitizer.txt"
+fi
+
+if step caps; then
+    echo "== GPU tests under shared-memory caps"
+    python3 scripts/make_inputs.py /tmp/cap 2 300 4 2 128 > /dev/null
+    {
+        for cap in 99 163; do
+            echo "-- FLASHATTN_SMEM_LIMIT_KB=$cap"
+            FLASHATTN_SMEM_LIMIT_KB=$cap FLASHATTN_TEST_CASES=${CAP_CASES:-48} ./stage/tests/cuda_flash 2>&1 | tail -4
+            FLASHATTN_SMEM_LIMIT_KB=$cap ./stage/tests/cuda_device_api 2>&1 | tail -3
+            FLASHATTN_SMEM_LIMIT_KB=$cap FLASHATTN_TEST_CASES=64 ./stage/tests/kvcache 2>&1 | tail -3
+            for d in 64 128; do
+                python3 scripts/make_inputs.py /tmp/cap$d 2 300 4 2 $d > /dev/null
+                FLASHATTN_SMEM_LIMIT_KB=$cap compute-sanitizer --tool memcheck --error-exitcode 9 $FA run --device cuda --q /tmp/cap$d/q.npy --k /tmp/cap$d/k.npy --v /tmp/cap$d/v.npy \
+                    --out /tmp/cap$d/o.npy --dout /tmp/cap$d/do.npy --dq /tmp/cap$d/dq.npy --causal 2>&1 | tail -2
+                echo "memcheck d=$d exit ${PIPESTATUS[0]}"
+            done
+        done
+    } | tee "$OUT/caps.txt"
 fi
 
 if step bench; then

@@ -44,7 +44,15 @@ def main():
             torch.cuda.synchronize()
         events = prof.key_averages()
         rows = sorted(events, key=lambda e: -e.device_time_total)[:8]
-        print(f"== {impl} N={n}: top GPU kernels (total us, calls)")
+        busy = sum(e.self_device_time_total for e in events)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 10 * 1e6
+        print(f"== {impl} N={n}: wall {wall:.0f} us per prefill, GPU busy {busy:.0f} us (kernels' own time)")
+        print(f"   top GPU kernels (total us, calls)")
         for e in rows:
             print(f"  {e.device_time_total:10.0f} {e.count:5d}  {e.key[:110]}")
         del model

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
 #[derive(clap::Args, Debug)]
 struct KernelsArgs {
     /// GPU architectures to compile for (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values = ["sm_80", "sm_90"])]
+    #[arg(long, value_delimiter = ',', default_values = ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"])]
     arch: Vec<String>,
     /// Instead of reporting, compile every variant into the kernel cache (so later runs start at once).
     #[arg(long)]
@@ -98,19 +98,26 @@ fn kernels(args: &KernelsArgs) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<28} {:<6} {:<24} {:>5} {:>6} {:>7} {:>7}",
-        "variant", "arch", "kernel", "regs", "stack", "spill-st", "spill-ld"
+        "{:<32} {:<7} {:<24} {:>5} {:>6} {:>7} {:>7} {:>13}",
+        "variant", "arch", "kernel", "regs", "stack", "spill-st", "spill-ld", "smem/limit KB"
     );
     let mut bad = Vec::new();
     for arch in &args.arch {
         flashattn::cuda::check_kernels(arch, args.only.as_deref(), |unit| {
             let (variant, arch) = (unit.name, unit.arch);
+            if let Some((bytes, limit)) = unit.smem.filter(|(bytes, limit)| bytes > limit) {
+                bad.push(format!("{variant} {arch}: needs {bytes} bytes of shared memory, the limit is {limit}"));
+            }
             for r in &unit.resources {
-                println!(
-                    "{:<28} {:<6} {:<24} {:>5} {:>6} {:>7} {:>7}",
-                    variant, arch, r.function, r.registers, r.stack_bytes, r.spill_stores, r.spill_loads
-                );
                 let hot = unit.main == Some(r.function.as_str());
+                let smem = match unit.smem {
+                    Some((bytes, limit)) if hot => format!("{:.0}/{}", bytes as f64 / 1024.0, limit >> 10),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<32} {:<7} {:<24} {:>5} {:>6} {:>7} {:>7} {:>13}",
+                    variant, arch, r.function, r.registers, r.stack_bytes, r.spill_stores, r.spill_loads, smem
+                );
                 if hot && (r.stack_bytes > 0 || r.spill_stores > 0 || r.spill_loads > 0) {
                     bad.push(format!("{variant} {arch} {}: spills or a stack frame", r.function));
                 }

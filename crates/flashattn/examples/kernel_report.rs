@@ -28,8 +28,11 @@ fn report() {
         masked: args[3] == "1",
         has_mod: args[4] == "1",
         sm90: args[5] != "sm_80",
+        budget: flashattn::cuda::kernels::Budget::Large,
         long: false,
     }
+    // The tiles of the architecture's shared-memory budget (sm_86: 99 KB).
+    .within(flashattn::cuda::kernels::Budget::of_arch(&args[5]))
     // LONG=1: the variant for long problems (where it differs).
     .for_queries(if std::env::var("LONG").is_ok() { flashattn::cuda::kernels::LONG_QUERIES } else { 0 });
     let t = std::time::Instant::now();

@@ -137,7 +137,7 @@ impl Gpu {
             }
             None => 0,
         };
-        let variant = select::for_plan(self.arch, pass, &plan)?;
+        let variant = select::for_plan(self.arch, self.budget, pass, &plan)?;
         for (name, t) in ["q", "k", "v"].into_iter().zip(&qkv) {
             checks::rows_aligned(name, t.shape(), t.strides(), t.buffer_len())?;
         }

@@ -6,7 +6,7 @@
 
 use super::checks::{self, Checked};
 use super::gpu::{driver_err, Gpu};
-use super::kernels::{Variant, DECODE_BLOCK_N};
+use super::kernels::Variant;
 use super::params::{strides3, AttnParams};
 use super::select;
 use super::tensor::{view_of, DeviceDType, DeviceView, Workspace, WorkspaceFrom};
@@ -261,7 +261,7 @@ impl Gpu {
             self.validate_decode_inputs(&plan, args)?;
         }
 
-        let variant = select::decode(self.arch, dtype, plan.head_dim, plan.rows_per_kv_head())?;
+        let variant = select::decode(self.arch, self.budget, dtype, plan.head_dim, plan.rows_per_kv_head())?;
         let splits = self.decode_splits(&plan, variant, args.num_splits)?;
         let params = decode_params(&plan, args, alibi.map_or(0, |(_, s)| s), splits);
         Ok(DecodeCall { plan, variant, params })
@@ -271,7 +271,7 @@ impl Gpu {
     /// that the waves of CTAs fill it (the fewest within 85% of the best wave efficiency, as FlashAttention
     /// chooses), never more than the key blocks of the capacity.
     fn decode_splits(&self, plan: &DecodePlan, variant: Variant, requested: usize) -> Result<usize> {
-        let most = plan.capacity().div_ceil(DECODE_BLOCK_N).clamp(1, MAX_DECODE_SPLITS);
+        let most = plan.capacity().div_ceil(variant.decode_block_n()).clamp(1, MAX_DECODE_SPLITS);
         if requested > 0 {
             return Ok(requested.min(most));
         }

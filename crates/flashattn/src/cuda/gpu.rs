@@ -2,7 +2,7 @@
 //! host-slice APIs, the device's limits, and the kernel modules loaded on it.
 
 use super::compile;
-use super::kernels::{Pass, Variant};
+use super::kernels::{Budget, Pass, Variant};
 use super::units::Unit;
 use super::{cluster, select};
 use crate::dtype::DType;
@@ -69,7 +69,10 @@ pub struct Gpu {
     pub(crate) stream: Arc<CudaStream>,
     name: String,
     pub(crate) arch: (i32, i32),
+    /// Shared memory a block may have: the device's opt-in limit, or `FLASHATTN_SMEM_LIMIT_KB` if lower.
     max_smem: usize,
+    /// The tile tables' budget within `max_smem`.
+    pub(crate) budget: Budget,
     pub(crate) sm_count: usize,
     loaded: Mutex<HashMap<Variant, Arc<Loaded>>>,
     /// Auxiliary modules (kernels of the modules built on this one), by name and element type.
@@ -110,7 +113,8 @@ impl Gpu {
                 why: "the kernels need sm_80 (Ampere) or newer".into(),
             });
         }
-        let max_smem = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        let device_smem = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        let max_smem = super::tuning::smem_limit().map_or(device_smem, |cap| cap.min(device_smem));
         let sm_count = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let stream = ctx.new_stream().map_err(driver_err("creating a stream"))?;
@@ -121,6 +125,7 @@ impl Gpu {
             name,
             arch,
             max_smem,
+            budget: Budget::within(max_smem),
             sm_count,
             loaded: Mutex::new(HashMap::new()),
             aux: Mutex::new(HashMap::new()),
@@ -189,7 +194,7 @@ impl Gpu {
     ) -> Result<()> {
         let masked = opts.causal || opts.window.left.is_some() || opts.window.right.is_some();
         let has_mod = opts.softcap.is_some() || opts.alibi_slopes.is_some() || opts.scale.is_some_and(|s| s <= 0.0);
-        let pick = |pass| select::variant(self.arch, pass, dtype, head_dim, len_q, masked, has_mod);
+        let pick = |pass| select::variant(self.arch, self.budget, pass, dtype, head_dim, len_q, masked, has_mod);
         self.load(pick(Pass::Forward)?)?;
         if backward {
             self.load(pick(Pass::Backward)?)?;

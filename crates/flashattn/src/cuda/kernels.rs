@@ -62,10 +62,52 @@ pub struct Variant {
     pub has_mod: bool,
     /// Compiled for sm_90 or newer (the backward stages dQ in shared memory for bulk reductions).
     pub sm90: bool,
+    /// The shared memory a block may have, where the default tiles need more (`Budget::Large` otherwise: see
+    /// `Variant::within`).
+    pub budget: Budget,
     /// At least `LONG_QUERIES` query rows, where larger tiles pay off; set only where it changes the tiles (see
     /// `Variant::for_queries`). For decode: more than 16 rows per KV head (queries x group), which take 32-row
     /// blocks (`DECODE_LONG_ROWS`).
     pub long: bool,
+}
+
+/// Shared memory per block: the opt-in limits of the GPU generations (sm_86, sm_89 and sm_120 99 KB; sm_80 and
+/// sm_87 163 KB; sm_90 and sm_100 227 KB). Tiles are chosen for the budget of the GPU present (or a lower cap,
+/// `FLASHATTN_SMEM_LIMIT_KB`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Budget {
+    Small,
+    Medium,
+    Large,
+}
+
+impl Budget {
+    pub fn bytes(self) -> usize {
+        match self {
+            Budget::Small => 99 << 10,
+            Budget::Medium => 163 << 10,
+            Budget::Large => 227 << 10,
+        }
+    }
+
+    /// The largest budget within `bytes` (Small below 99 KB too: the kernels that do not fit are refused).
+    pub fn within(bytes: usize) -> Budget {
+        [Budget::Large, Budget::Medium].into_iter().find(|b| b.bytes() <= bytes).unwrap_or(Budget::Small)
+    }
+
+    /// The budget of an architecture's GPUs ("sm_86" -> Small).
+    pub fn of_arch(arch: &str) -> Budget {
+        match arch.trim_start_matches("sm_").trim_end_matches('a') {
+            "80" | "87" => Budget::Medium,
+            "90" | "100" => Budget::Large,
+            _ => Budget::Small,
+        }
+    }
+
+    /// The name a constrained variant carries ("-99k").
+    fn suffix(self) -> String {
+        format!("-{}k", self.bytes() >> 10)
+    }
 }
 
 /// Query rows from which a problem counts as long (`Variant::long`).
@@ -74,9 +116,6 @@ pub const LONG_QUERIES: usize = 2048;
 /// Decode: rows (query heads x new queries of one KV head) from which 32-row blocks are used (up to head dim 128,
 /// where the accumulators of two m16 tiles fit the registers).
 pub const DECODE_LONG_ROWS: usize = 17;
-/// Decode: keys per shared-memory block (16 per warp) and warps.
-pub(crate) const DECODE_BLOCK_N: usize = 64;
-const DECODE_WARPS: usize = 4;
 
 /// Forward tiles: query rows per CTA, key rows per shared-memory block, keys per softmax sub-block, warps, and
 /// the unrolling of the Q K^T loop (0: full).
@@ -199,14 +238,22 @@ impl Variant {
         if let Some(&[block_m, sub_m, warps, warps_d]) = tile_override(Tuned::PortableBackward) {
             return BwdTiles { block_m, sub_m, warps, warps_d };
         }
-        match self.hdim {
+        let t = |block_m, sub_m, warps, warps_d| BwdTiles { block_m, sub_m, warps, warps_d };
+        match (self.budget, self.hdim) {
             // Query steps as long as the shared memory allows (fewer barriers and dQ reductions per key), in
             // sub-steps as long as the registers allow (measured on the H200: 128/64 is 27% faster than 64/64 at
             // d = 64, 64/32 24% faster than 32/32 at d = 128).
-            0..=64 => BwdTiles { block_m: 128, sub_m: 64, warps: 8, warps_d: 1 },
-            65..=96 => BwdTiles { block_m: 64, sub_m: 64, warps: 8, warps_d: 1 },
-            97..=128 => BwdTiles { block_m: 64, sub_m: 32, warps: 8, warps_d: 1 },
-            _ => BwdTiles { block_m: 32, sub_m: 32, warps: 8, warps_d: 2 },
+            (Budget::Large | Budget::Medium, 0..=64) => t(128, 64, 8, 1),
+            (Budget::Large | Budget::Medium, 65..=96) => t(64, 64, 8, 1),
+            (Budget::Large | Budget::Medium, 97..=128) => t(64, 32, 8, 1),
+            (Budget::Large | Budget::Medium, _) => t(32, 32, 8, 2),
+            // 99 KB: fewer query rows per step, fewer keys per CTA, or both (91, 88, 74, 78-92 and 68 KB at
+            // d = 64, 96, 128, 160-224 and 256).
+            (Budget::Small, 0..=64) => t(64, 64, 8, 1),
+            (Budget::Small, 65..=96) => t(64, 64, 4, 1),
+            (Budget::Small, 97..=128) => t(32, 32, 8, 2),
+            (Budget::Small, 129..=224) => t(32, 32, 4, 2),
+            (Budget::Small, _) => t(16, 16, 4, 2),
         }
     }
 
@@ -234,6 +281,18 @@ impl Variant {
         HopperTiles { cluster: if self.masked { 1 } else { tiles.cluster }, ..tiles }
     }
 
+    /// This variant under a shared-memory budget: unchanged (marked `Budget::Large`) where its default tiles fit
+    /// it, so that a variant is compiled once for every budget it fits; else marked with the budget, whose tile
+    /// tables then apply.
+    pub fn within(self, budget: Budget) -> Variant {
+        let free = Variant { budget: Budget::Large, ..self };
+        if free.smem_bytes() <= budget.bytes() {
+            free
+        } else {
+            Variant { budget, ..self }
+        }
+    }
+
     /// This variant for a problem of `len_q` query rows (the longest sequence's): marked long where that
     /// changes the tiles, so that variants differing only in the mark are never compiled twice.
     pub fn for_queries(self, len_q: usize) -> Variant {
@@ -251,7 +310,18 @@ impl Variant {
     /// at run time, where a memory-bound kernel can afford it.
     pub fn decode(dtype: DType, hdim: usize, sm90: bool, rows: usize) -> Variant {
         let long = rows >= DECODE_LONG_ROWS && hdim <= 128;
-        Variant { family: Family::Portable, pass: Pass::Decode, dtype, hdim, masked: false, has_mod: false, sm90, long }
+        let budget = Budget::Large;
+        Variant {
+            family: Family::Portable,
+            pass: Pass::Decode,
+            dtype,
+            hdim,
+            masked: false,
+            has_mod: false,
+            sm90,
+            budget,
+            long,
+        }
     }
 
     /// Query rows per CTA (per tile, for the persistent Hopper forward; per step for the backwards).
@@ -288,7 +358,7 @@ impl Variant {
             (Family::Hopper, Pass::Backward) => 384,
             (_, Pass::Forward) => 32 * self.fwd_tiles().warps as u32,
             (_, Pass::Backward) => 32 * self.bwd_tiles().warps as u32,
-            (_, Pass::Decode) => 32 * DECODE_WARPS as u32,
+            (_, Pass::Decode) => 32 * self.decode_warps() as u32,
         }
     }
 
@@ -337,8 +407,23 @@ impl Variant {
                 (2 * n + 4 * t.block_m) * row + n * (t.block_m + 8) * 2 + 4 * t.block_m * 4 + staging
             }
             // Q, then the K/V ring.
-            (_, Pass::Decode) => (self.block_m() + 2 * self.decode_stages() * DECODE_BLOCK_N) * row,
+            (_, Pass::Decode) => (self.block_m() + 2 * self.decode_stages() * self.decode_block_n()) * row,
         }
+    }
+
+    /// Decode: warps, each taking 16 keys of a shared-memory block: four, or two where the budget is short (from
+    /// d = 192 in 99 KB).
+    fn decode_warps(&self) -> usize {
+        if self.budget == Budget::Large {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Decode: keys per shared-memory block.
+    pub fn decode_block_n(&self) -> usize {
+        16 * self.decode_warps()
     }
 
     /// Decode: m16 row tiles per block, 2 for long variants.
@@ -415,6 +500,9 @@ impl Variant {
         }
         if self.long {
             name.push_str("-long");
+        }
+        if self.budget != Budget::Large {
+            name.push_str(&self.budget.suffix());
         }
         name
     }
@@ -518,9 +606,9 @@ impl Variant {
             (_, Pass::Decode) => {
                 d.extend([
                     format!("-DMT={}", self.decode_m_tiles()),
-                    format!("-DBLOCK_N={DECODE_BLOCK_N}"),
+                    format!("-DBLOCK_N={}", self.decode_block_n()),
                     format!("-DSTAGES={}", self.decode_stages()),
-                    format!("-DNWARPS={DECODE_WARPS}"),
+                    format!("-DNWARPS={}", self.decode_warps()),
                 ]);
             }
         }
@@ -528,45 +616,50 @@ impl Variant {
         d
     }
 
-    /// Every variant for an architecture ("sm_80", "sm_90", ...): both passes, both 16-bit types, every padded
-    /// head dimension, every switch, short and long where that differs; on sm_90 also the Hopper family's.
+    /// Every variant for an architecture ("sm_80", "sm_90", ...): both passes and decode, both 16-bit types,
+    /// every padded head dimension, every switch, short and long where that differs, under the architecture's
+    /// shared-memory budget and every smaller one (the caps of `FLASHATTN_SMEM_LIMIT_KB`); on sm_90 also the
+    /// Hopper family's.
     pub fn all(arch: &str) -> Vec<Variant> {
         let number = arch.trim_start_matches("sm_").trim_end_matches('a').parse::<u32>().unwrap_or(0);
         let sm90 = number >= 90;
-        let mut v = Vec::new();
-        let mut each_switch = |family, pass, dtype, hdim| {
-            for masked in [false, true] {
-                for has_mod in [false, true] {
-                    let short = Variant { family, pass, dtype, hdim, masked, has_mod, sm90, long: false };
-                    v.push(short);
-                    let long = short.for_queries(LONG_QUERIES);
-                    if long != short {
-                        v.push(long);
-                    }
-                }
-            }
-        };
+        let top = Budget::of_arch(arch);
+        let mut base = Vec::new();
+        let budget = Budget::Large;
         for dtype in [DType::BF16, DType::F16] {
-            for pass in [Pass::Forward, Pass::Backward] {
-                for hdim in (32..=MAX_HEAD_DIM).step_by(32) {
-                    each_switch(Family::Portable, pass, dtype, hdim);
-                }
-            }
+            let mut families = vec![(Family::Portable, Pass::Forward), (Family::Portable, Pass::Backward)];
             if number == 90 {
-                for pass in [Pass::Forward, Pass::Backward] {
-                    for hdim in (64..=MAX_HEAD_DIM).step_by(64).filter(|&d| hopper_head_dim(d, pass).is_some()) {
-                        each_switch(Family::Hopper, pass, dtype, hdim);
+                families.extend([(Family::Hopper, Pass::Forward), (Family::Hopper, Pass::Backward)]);
+            }
+            for (family, pass) in families {
+                for hdim in (32..=MAX_HEAD_DIM).step_by(32) {
+                    if family == Family::Hopper && hopper_head_dim(hdim, pass) != Some(hdim) {
+                        continue;
+                    }
+                    for masked in [false, true] {
+                        for has_mod in [false, true] {
+                            let short =
+                                Variant { family, pass, dtype, hdim, masked, has_mod, sm90, budget, long: false };
+                            base.extend([short, short.for_queries(LONG_QUERIES)]);
+                        }
                     }
                 }
+            }
+            for hdim in (32..=MAX_HEAD_DIM).step_by(32) {
+                base.extend([
+                    Variant::decode(dtype, hdim, sm90, 1),
+                    Variant::decode(dtype, hdim, sm90, DECODE_LONG_ROWS),
+                ]);
             }
         }
-        for dtype in [DType::BF16, DType::F16] {
-            for hdim in (32..=MAX_HEAD_DIM).step_by(32) {
-                let short = Variant::decode(dtype, hdim, sm90, 1);
-                let long = Variant::decode(dtype, hdim, sm90, DECODE_LONG_ROWS);
-                v.push(short);
-                if long != short {
-                    v.push(long);
+        let mut v: Vec<Variant> = Vec::new();
+        for b in [Budget::Large, Budget::Medium, Budget::Small].into_iter().filter(|&b| b <= top) {
+            for &variant in &base {
+                // The Hopper family runs only with its whole budget; capped, the portable family stands in.
+                let fits = variant.family == Family::Portable || b == Budget::Large;
+                let variant = variant.within(b);
+                if fits && !v.contains(&variant) {
+                    v.push(variant);
                 }
             }
         }

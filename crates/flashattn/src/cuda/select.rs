@@ -1,21 +1,24 @@
-//! The one place that chooses a kernel: (GPU architecture, pass, problem) -> variant.
+//! The one place that chooses a kernel: (GPU architecture and shared-memory budget, pass, problem) -> variant.
 
-use super::kernels::{self, Family, Pass, Variant};
+use super::kernels::{self, Budget, Family, Pass, Variant};
 use super::tuning::portable_forced;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::problem::Plan;
 
 /// The variant for a planned problem.
-pub(crate) fn for_plan(arch: (i32, i32), pass: Pass, plan: &Plan) -> Result<Variant> {
+pub(crate) fn for_plan(arch: (i32, i32), budget: Budget, pass: Pass, plan: &Plan) -> Result<Variant> {
     let len_q = plan.len_q.iter().copied().max().unwrap_or(0);
-    variant(arch, pass, plan.dtype(), plan.head_dim, len_q, plan.mask.masked(), plan.mask.modifies_scores())
+    variant(arch, budget, pass, plan.dtype(), plan.head_dim, len_q, plan.mask.masked(), plan.mask.modifies_scores())
 }
 
-/// The Hopper family on sm_90 where it takes the head dim, unless `FLASHATTN_GPU_KERNELS=portable`; else the
-/// portable one. `len_q`: the longest sequence's query rows.
+/// The Hopper family on sm_90 where it takes the head dim and fits the budget, unless
+/// `FLASHATTN_GPU_KERNELS=portable`; else the portable one, with tiles for the budget. `len_q`: the longest
+/// sequence's query rows.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn variant(
     arch: (i32, i32),
+    budget: Budget,
     pass: Pass,
     dtype: DType,
     head_dim: usize,
@@ -25,17 +28,20 @@ pub(crate) fn variant(
 ) -> Result<Variant> {
     let hdim = kernels::padded_head_dim(head_dim)?;
     let sm90 = arch.0 >= 9;
-    let portable = Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90, long: false };
-    match kernels::hopper_head_dim(head_dim, pass) {
-        Some(hdim) if arch == (9, 0) && !portable_forced() => {
-            Ok(Variant { family: Family::Hopper, hdim, ..portable }.for_queries(len_q))
+    let free = Budget::Large;
+    let portable =
+        Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90, budget: free, long: false };
+    if let Some(hdim) = kernels::hopper_head_dim(head_dim, pass).filter(|_| arch == (9, 0) && !portable_forced()) {
+        let hopper = Variant { family: Family::Hopper, hdim, ..portable }.for_queries(len_q);
+        if hopper.smem_bytes() <= budget.bytes() {
+            return Ok(hopper);
         }
-        _ => Ok(portable),
     }
+    Ok(portable.within(budget))
 }
 
 /// The decode variant for `rows` query rows per KV head (new queries x query heads per KV head).
-pub(crate) fn decode(arch: (i32, i32), dtype: DType, head_dim: usize, rows: usize) -> Result<Variant> {
+pub(crate) fn decode(arch: (i32, i32), budget: Budget, dtype: DType, head_dim: usize, rows: usize) -> Result<Variant> {
     let hdim = kernels::padded_head_dim(head_dim)?;
-    Ok(Variant::decode(dtype, hdim, arch.0 >= 9, rows))
+    Ok(Variant::decode(dtype, hdim, arch.0 >= 9, rows).within(budget))
 }

@@ -49,3 +49,11 @@ pub(crate) fn check_device_inputs() -> bool {
     static CHECK: OnceLock<bool> = OnceLock::new();
     *CHECK.get_or_init(|| std::env::var("FLASHATTN_CHECK_DEVICE_INPUTS").is_ok_and(|v| v == "1"))
 }
+
+/// `FLASHATTN_SMEM_LIMIT_KB=99` (or 163): tiles chosen as for a GPU with that much shared memory per block, and
+/// kernels that need more refused, to test on one GPU the tables of others. Bytes.
+pub(crate) fn smem_limit() -> Option<usize> {
+    static LIMIT: OnceLock<Option<usize>> = OnceLock::new();
+    *LIMIT
+        .get_or_init(|| std::env::var("FLASHATTN_SMEM_LIMIT_KB").ok()?.trim().parse::<usize>().ok().map(|kb| kb << 10))
+}

@@ -2,7 +2,7 @@
 //! compile all of them without a GPU: the report of `flashattn kernels` and the cache warm-up.
 
 use super::compile::{self, Source};
-use super::kernels::{self, Variant};
+use super::kernels::{self, Budget, Variant};
 use crate::dtype::DType;
 use crate::error::Result;
 
@@ -15,6 +15,8 @@ pub(crate) struct Unit {
     target: Option<&'static str>,
     /// The attention kernel of a variant (held to no spills); None for auxiliary modules.
     main: Option<&'static str>,
+    /// The variant's shared memory and the budget it must fit: its own, or the architecture's.
+    smem: Option<(usize, Budget)>,
 }
 
 impl Unit {
@@ -25,6 +27,7 @@ impl Unit {
             defines: v.defines(),
             target: v.target_arch(),
             main: Some(v.kernel_name()),
+            smem: Some((v.smem_bytes(), v.budget)),
         }
     }
 
@@ -35,6 +38,7 @@ impl Unit {
             defines: vec![kernels::elem_define(dtype)],
             target: None,
             main: None,
+            smem: None,
         }
     }
 
@@ -59,6 +63,9 @@ pub struct UnitReport<'a> {
     pub arch: &'a str,
     pub main: Option<&'static str>,
     pub resources: Vec<compile::Resources>,
+    /// The main kernel's dynamic shared memory and the most it may have: the variant's budget or, for variants
+    /// with the default tiles, the architecture's (its GPUs' opt-in limit).
+    pub smem: Option<(usize, usize)>,
 }
 
 /// Compiles every kernel unit for `arch` (no GPU needed), or those whose names contain `only`, in parallel, with
@@ -75,7 +82,8 @@ pub fn check_kernels(arch: &str, only: Option<&str>, mut on_unit: impl FnMut(Uni
         })
         .collect();
     for (u, r) in units.iter().zip(reports) {
-        on_unit(UnitReport { name: &u.name, arch: u.arch(arch), main: u.main, resources: r? });
+        let smem = u.smem.map(|(bytes, budget)| (bytes, budget.min(Budget::of_arch(arch)).bytes()));
+        on_unit(UnitReport { name: &u.name, arch: u.arch(arch), main: u.main, resources: r?, smem });
     }
     Ok(())
 }
