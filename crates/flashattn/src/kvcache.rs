@@ -64,7 +64,7 @@ impl DecodePlan {
         k_cache: &impl TensorLayout,
         v_cache: &impl TensorLayout,
         block_table: Option<&[usize]>,
-        seqlens_shape: &[usize],
+        seqlens_shape: Option<&[usize]>,
         new: Option<(&dyn TensorLayout, &dyn TensorLayout)>,
         opts: &AttnOptions,
     ) -> Result<DecodePlan> {
@@ -102,8 +102,12 @@ impl DecodePlan {
             return Err(AttnError::Gqa { heads_q, heads_kv });
         }
         match seqlens_shape {
-            &[n] => same("batch", ("q", batch), ("cache_seqlens", n))?,
-            other => return Err(AttnError::shape("cache_seqlens", "1 dimension (batch)", other)),
+            Some(&[n]) => same("batch", ("q", batch), ("cache_seqlens", n))?,
+            Some(other) => return Err(AttnError::shape("cache_seqlens", "1 dimension (batch)", other)),
+            None if new.is_some() => {
+                return Err(AttnError::option("cache_seqlens", "the caches' lengths, to append new keys", "none"))
+            }
+            None => {}
         }
         let (page_size, max_blocks) = match block_table {
             Some(&[b, max_blocks]) => {
@@ -241,7 +245,7 @@ pub fn forward_kvcache<T: Element>(
         &k_cache,
         &v_cache,
         table_shape.as_ref().map(|s| &s[..]),
-        &[cache.seqlens.len()],
+        Some(&[cache.seqlens.len()]),
         new_layout,
         opts,
     )?;
