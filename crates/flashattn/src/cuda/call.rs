@@ -93,16 +93,7 @@ impl Gpu {
                 });
             }
         }
-        let dtype = match q.dtype {
-            DeviceDType::F16 => crate::DType::F16,
-            DeviceDType::BF16 => crate::DType::BF16,
-            other => {
-                return Err(AttnError::Unsupported {
-                    what: format!("q in {other}"),
-                    why: "the GPU kernels take f16 or bf16".into(),
-                })
-            }
-        };
+        let dtype = checks::kernel_dtype(q)?;
         let qkv = [
             Checked::new(self, "q", q, q.dtype, 16)?,
             Checked::new(self, "k", k, q.dtype, 16)?,

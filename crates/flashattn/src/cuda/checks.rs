@@ -134,6 +134,18 @@ fn stride_error(name: &'static str, v: &DeviceView, problem: String, avail: usiz
     AttnError::Stride { tensor: name, problem, shape: v.shape.clone(), strides: v.strides.clone(), len: avail }
 }
 
+/// The element type of a call's kernels, from q's: f16 or bf16.
+pub(crate) fn kernel_dtype(q: &DeviceView) -> Result<crate::DType> {
+    match q.dtype {
+        DeviceDType::F16 => Ok(crate::DType::F16),
+        DeviceDType::BF16 => Ok(crate::DType::BF16),
+        other => Err(AttnError::Unsupported {
+            what: format!("q in {other}"),
+            why: "the GPU kernels take f16 or bf16".into(),
+        }),
+    }
+}
+
 /// No output shares memory with an input or another output.
 pub(crate) fn no_overlap(outputs: &[(&'static str, &Checked)], inputs: &[(&'static str, &Checked)]) -> Result<()> {
     let meet = |a: &std::ops::Range<u64>, b: &std::ops::Range<u64>| a.start < b.end && b.start < a.end;

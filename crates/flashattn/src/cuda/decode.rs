@@ -184,16 +184,7 @@ impl Gpu {
                 why: "give them on the device, in DecodeArgs::alibi_slopes".into(),
             });
         }
-        let dtype = match args.q.dtype {
-            DeviceDType::F16 => crate::DType::F16,
-            DeviceDType::BF16 => crate::DType::BF16,
-            other => {
-                return Err(AttnError::Unsupported {
-                    what: format!("q in {other}"),
-                    why: "the GPU kernels take f16 or bf16".into(),
-                })
-            }
-        };
+        let dtype = checks::kernel_dtype(args.q)?;
         let elem = args.q.dtype;
         let q = Checked::new(self, "q", args.q, elem, 16)?;
         let k = Checked::new(self, "k_cache", args.k_cache, elem, 16)?;
