@@ -20,8 +20,12 @@ from . import _core
 Tensor = torch.Tensor
 
 
+_DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in (torch.float32, torch.float16, torch.bfloat16, torch.int32)}
+
+
 def _describe(t: Tensor) -> tuple:
-    return (t.data_ptr(), str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()))
+    name = _DTYPE_NAMES.get(t.dtype) or str(t.dtype).removeprefix("torch.")
+    return (t.data_ptr(), name, list(t.shape), list(t.stride()))
 
 
 class _Options:
@@ -93,7 +97,12 @@ def _device(t: Tensor) -> Optional[Tuple[int, int]]:
         raise NotImplementedError(f"flashattn runs on CPU and CUDA tensors, not on {t.device.type}")
     _load_nvrtc()
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if _raw_stream is not None:  # the raw handle, without building a torch.cuda.Stream (host time per call)
+        return (index, _raw_stream(index))
     return (index, torch.cuda.current_stream(t.device).cuda_stream)
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _allocator(device: torch.device):
