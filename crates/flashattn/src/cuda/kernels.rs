@@ -60,7 +60,8 @@ pub struct Variant {
     pub masked: bool,
     /// Scores transformed beyond the scale: softcap, ALiBi or a non-positive scale.
     pub has_mod: bool,
-    /// Compiled for sm_90 or newer (the backward stages dQ in shared memory for bulk reductions).
+    /// Compiled for sm_90 or sm_100 (`sm90_features`): the tiles tuned for their compilers, and the backward's
+    /// dQ staged for bulk reductions.
     pub sm90: bool,
     /// The shared memory a block may have, where the default tiles need more (`Budget::Large` otherwise: see
     /// `Variant::within`).
@@ -210,6 +211,13 @@ fn hopper_bwd_block_m(hdim: usize) -> usize {
 }
 const HOPPER_BWD_BLOCK_N: usize = 128;
 const HOPPER_BWD_STAGES: usize = 2;
+
+/// Whether GPUs of this major compute capability get the sm_90 tiles and bulk dQ reductions: Hopper (9) and
+/// datacenter Blackwell (10); consumer Blackwell (12) has their instructions but a budget of 99 KB and
+/// compilers whose register allocation the sm_80 tiles suit (the sm_90 d = 128 forward spills there).
+pub fn sm90_features(major: i32) -> bool {
+    (9..=10).contains(&major)
+}
 
 /// The define that selects the element type.
 pub fn elem_define(dtype: DType) -> String {
@@ -403,7 +411,7 @@ impl Variant {
                 let t = self.bwd_tiles();
                 let n = t.block_n();
                 // K, V; Q and dO twice; dS; lse and D twice; on sm_90 the dQ staging tile (f32, rows padded by 8).
-                let staging = if self.sm90 { t.block_m * (self.hdim + 8) * 4 } else { 0 };
+                let staging = if self.bulk_dq() { t.block_m * (self.hdim + 8) * 4 } else { 0 };
                 (2 * n + 4 * t.block_m) * row + n * (t.block_m + 8) * 2 + 4 * t.block_m * 4 + staging
             }
             // Q, then the K/V ring.
@@ -424,6 +432,12 @@ impl Variant {
     /// Decode: keys per shared-memory block.
     pub fn decode_block_n(&self) -> usize {
         16 * self.decode_warps()
+    }
+
+    /// Portable backward: dQ staged in shared memory and added by bulk reductions (BULK_DQ), on sm_90 where the
+    /// budget is whole; else by atomics (sm_80's way), which needs no staging tile.
+    fn bulk_dq(&self) -> bool {
+        self.sm90 && self.budget == Budget::Large
     }
 
     /// Decode: m16 row tiles per block, 2 for long variants.
@@ -601,6 +615,7 @@ impl Variant {
                     format!("-DNWARPS={}", t.warps),
                     format!("-DWARPS_D={}", t.warps_d),
                     format!("-DDQ_PARTS={}", t.dq_parts(self.hdim)),
+                    format!("-DBULK_DQ={}", self.bulk_dq() as u8),
                 ]);
             }
             (_, Pass::Decode) => {
@@ -622,7 +637,7 @@ impl Variant {
     /// Hopper family's.
     pub fn all(arch: &str) -> Vec<Variant> {
         let number = arch.trim_start_matches("sm_").trim_end_matches('a').parse::<u32>().unwrap_or(0);
-        let sm90 = number >= 90;
+        let sm90 = sm90_features(number as i32 / 10);
         let top = Budget::of_arch(arch);
         let mut base = Vec::new();
         let budget = Budget::Large;

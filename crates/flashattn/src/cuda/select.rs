@@ -35,7 +35,7 @@ pub(crate) fn variant(
     has_mod: bool,
 ) -> Result<Variant> {
     let hdim = kernels::padded_head_dim(head_dim)?;
-    let sm90 = arch.0 >= 9;
+    let sm90 = kernels::sm90_features(arch.0);
     let free = Budget::Large;
     let portable =
         Variant { family: Family::Portable, pass, dtype, hdim, masked, has_mod, sm90, budget: free, long: false };
@@ -51,5 +51,5 @@ pub(crate) fn variant(
 /// The decode variant for `rows` query rows per KV head (new queries x query heads per KV head).
 pub(crate) fn decode(arch: (i32, i32), budget: Budget, dtype: DType, head_dim: usize, rows: usize) -> Result<Variant> {
     let hdim = kernels::padded_head_dim(head_dim)?;
-    Ok(Variant::decode(dtype, hdim, arch.0 >= 9, rows).within(budget))
+    Ok(Variant::decode(dtype, hdim, kernels::sm90_features(arch.0), rows).within(budget))
 }

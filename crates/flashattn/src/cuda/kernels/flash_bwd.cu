@@ -8,7 +8,7 @@
 //   or, deterministic, plain adds ordered by a semaphore per query block).
 //
 // Defines: BLOCK_M (queries per step), SUB_M (queries per sub-step), NWARPS, WARPS_D (warps sharing a key group,
-// splitting dK/dV columns), DQ_PARTS, IS_MASKED, HAS_MOD, SMEM_BYTES (the shared memory the host allocates).
+// splitting dK/dV columns), DQ_PARTS, BULK_DQ, IS_MASKED, HAS_MOD, SMEM_BYTES (the shared memory the host allocates).
 
 #include "common.cuh"
 #include "bwd_common.cuh"
@@ -28,11 +28,10 @@
 // warps past QGROUPS * DQ_PARTS sit the dQ product out.
 #define DQW (HDIM / DQ_PARTS)
 #define DQT (DQW / 8)
-// On sm_90, dQ is added to its accumulator by bulk asynchronous reductions (the Hopper copy engine).
-#if __CUDA_ARCH__ >= 900
-#define BULK_DQ 1
-#else
-#define BULK_DQ 0
+// BULK_DQ (a define, 1 only on sm_90+): dQ staged in shared memory and added to its accumulator by bulk
+// asynchronous reductions (the Hopper copy engine), else by atomics from the registers.
+#if BULK_DQ && __CUDA_ARCH__ < 900
+#error "BULK_DQ needs sm_90's bulk copies"
 #endif
 #define DQ_PAD 8  // floats between rows of the dQ staging tile: spreads a warp's stores over the banks
 static_assert(QT % 2 == 0 && DTW % 2 == 0 && DQT % 2 == 0 && DQW * DQ_PARTS == HDIM, "tiles must split into 16-column pairs");

@@ -81,7 +81,7 @@ DEVICE void load_kv(const DecodeParams &dp, u16 *sK, u16 *sV, int b, int hk, int
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS) flash_decode(const DecodeParams dp) {
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_decode(const DecodeParams dp) {
     const AttnParams &p = dp.a;
     extern __shared__ __align__(128) u16 smem[];
     u16 *sQ = smem;
