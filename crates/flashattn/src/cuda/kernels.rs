@@ -419,10 +419,11 @@ impl Variant {
         }
     }
 
-    /// Decode: warps, each taking 16 keys of a shared-memory block: four, or two where the budget is short (from
-    /// d = 192 in 99 KB).
+    /// Decode: warps, each taking 16 keys of a shared-memory block: four, or two where four do not fit the
+    /// budget (from d = 192 in 99 KB).
     fn decode_warps(&self) -> usize {
-        if self.budget == Budget::Large {
+        let four = (self.block_m() + 2 * self.decode_stages() * 64) * (self.hdim + 8) * 2;
+        if self.budget == Budget::Large || four <= self.budget.bytes() {
             4
         } else {
             2
@@ -446,9 +447,9 @@ impl Variant {
     }
 
     /// Decode: depth of the K/V ring. Decode is bound by memory: on sm_90 three stages at up to head dim 128 (109
-    /// KB, two CTAs per SM), else two (at d = 128 the 74 KB fit the 99 KB of consumer GPUs).
+    /// KB, two CTAs per SM), else (or capped) two (at d = 128 the 74 KB fit the 99 KB of consumer GPUs).
     fn decode_stages(&self) -> usize {
-        if self.sm90 && self.hdim <= 128 {
+        if self.sm90 && self.hdim <= 128 && self.budget == Budget::Large {
             3
         } else {
             2
