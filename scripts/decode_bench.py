@@ -3,8 +3,10 @@
 cuDNN and flash backends, and a device-to-device copy, in one run on one GPU.
 
 Grouped-query heads (32 query / 8 KV heads by default), head dim 128, bf16; every call timed with
-triton.testing.do_bench (median; it clears the L2 cache before each call). Bandwidth = bytes of K and V read /
-time; the copy's rate counts bytes read and written.
+triton.testing.do_bench (median; it clears the L2 cache before each call). With --graphs every call is captured
+in a CUDA graph first and the replays are timed, as serving engines run decode steps: host time then drops out
+for every implementation alike. Bandwidth = bytes of K and V read / time; the copy's rate counts bytes read and
+written.
 
     python3 scripts/decode_bench.py --out decode.jsonl > decode.md
 """
@@ -43,6 +45,22 @@ def paged(k, v, page, gen):
     return scatter(k), scatter(v), order.reshape(b, blocks).to(torch.int32)
 
 
+def bench(fn, graphs):
+    """Median milliseconds of fn(), or of replaying a CUDA graph of it."""
+    if graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        fn = graph.replay
+    return do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
 def sdpa(backend, q, k, v):
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -65,6 +83,7 @@ def main():
     p.add_argument("--pages", default="16,256", help="page sizes of the paged runs, comma-separated")
     p.add_argument("--heads", default="32,8", help="query heads, KV heads")
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--graphs", action="store_true", help="time replays of CUDA graphs of the calls")
     p.add_argument("--out", help="also write one JSON object per measurement here")
     args = p.parse_args()
     hq, hkv = (int(x) for x in args.heads.split(","))
@@ -72,8 +91,9 @@ def main():
     gen = torch.Generator().manual_seed(0)
     copy = copy_rate()
     name = torch.cuda.get_device_name()
+    mode = "CUDA-graph replays" if args.graphs else "eager calls"
     print(f"{name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, bf16, heads {hq}/{hkv}, "
-          f"head dim {d}; device-to-device copy {copy:.2f} TB/s\n")
+          f"head dim {d}, {mode}; device-to-device copy {copy:.2f} TB/s\n")
     pages = [int(x) for x in args.pages.split(",") if x]
     head = ["batch", "seq_q", "cache", "cuDNN", "SDPA flash", "flashattn"] + [f"paged {s}" for s in pages]
     head += ["flashattn TB/s", "of copy", "vs cuDNN"]
@@ -90,20 +110,18 @@ def main():
             times = {}
             for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
                 fn = sdpa(backend, q, k, v)
-                times[label] = do_bench(fn, warmup=10, rep=100, return_mode="median") if fn else None
+                times[label] = bench(fn, args.graphs) if fn else None
             ours = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens)
             ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  enable_gqa=True).transpose(1, 2)
             err = (ours.float() - ref.float()).abs().max().item()
-            times["flashattn"] = do_bench(lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens),
-                                          warmup=10, rep=100, return_mode="median")
+            times["flashattn"] = bench(lambda: flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens), args.graphs)
             for page in pages:
                 kp, vp, table = paged(k, v, page, gen)
                 got = flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=table)
                 err = max(err, (got.float() - ref.float()).abs().max().item())
-                times[f"paged{page}"] = do_bench(
-                    lambda: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=table),
-                    warmup=10, rep=100, return_mode="median")
+                times[f"paged{page}"] = bench(
+                    lambda: flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=table), args.graphs)
                 del kp, vp
             kv_bytes = 2 * k.numel() * k.element_size()
             tb = kv_bytes / (times["flashattn"] * 1e-3) / 1e12
@@ -117,7 +135,7 @@ def main():
             if out:
                 out.write(json.dumps({"batch": batch, "seqlen_q": sq, "seqlen_k": n, "heads_q": hq, "heads_kv": hkv,
                                       "head_dim": d, "ms": times, "kv_bytes": kv_bytes, "copy_tb_per_s": copy,
-                                      "max_abs_err_vs_sdpa": err, "gpu": name}) + "\n")
+                                      "max_abs_err_vs_sdpa": err, "gpu": name, "graphs": args.graphs}) + "\n")
             if err > 0.05:
                 print(f"  WARNING: max |flashattn - sdpa| = {err:.3g}", file=sys.stderr)
             del q, k, v

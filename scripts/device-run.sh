@@ -7,8 +7,8 @@
 #
 # With "python": the Python package's test suite on CUDA tensors (pytest.txt); with "prefill": the model-prefill
 # exercise (prefill.md, prefill.jsonl, prefill.png); with "decode": the KV-cache tests (GPU, sanitizers, Python) and
-# the decode benchmark beside SDPA's cuDNN and flash backends (decode_tests.txt, decode.md, decode.jsonl,
-# decode_cli.txt).
+# the decode benchmark beside SDPA's cuDNN and flash backends, as CUDA-graph replays and as eager calls
+# (decode_tests.txt, decode_graphs.md/.jsonl, decode.md/.jsonl, decode_cli.txt).
 #
 # With "caps": the GPU tests and a memcheck under shared-memory caps of 99 and 163 KB (the tile tables of
 # consumer GPUs and of the A100), in caps.txt.
@@ -196,6 +196,7 @@ if step decode; then
         PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider python/tests/test_kvcache.py 2>&1 | tail -5
     } | tee "$OUT/decode_tests.txt"
     echo "== decode benchmark"
+    PYTHONUNBUFFERED=1 python3 scripts/decode_bench.py --graphs ${DECODE_ARGS:-} --out "$OUT/decode_graphs.jsonl" | tee "$OUT/decode_graphs.md"
     PYTHONUNBUFFERED=1 python3 scripts/decode_bench.py ${DECODE_ARGS:-} --out "$OUT/decode.jsonl" | tee "$OUT/decode.md"
     {
         $FA bench --device cuda --seqlen-q 1 --heads 32 --heads-kv 8 --head-dim 128 --batch 1 --seqlen 2048,32768,131072 --min-time 0.2

@@ -414,15 +414,19 @@ impl Variant {
                 let staging = if self.bulk_dq() { t.block_m * (self.hdim + 8) * 4 } else { 0 };
                 (2 * n + 4 * t.block_m) * row + n * (t.block_m + 8) * 2 + 4 * t.block_m * 4 + staging
             }
-            // Q, then the K/V ring.
-            (_, Pass::Decode) => (self.block_m() + 2 * self.decode_stages() * self.decode_block_n()) * row,
+            // Q, the K/V ring, and each stage's row slots (8 bytes per row).
+            (_, Pass::Decode) => {
+                let (stages, n) = (self.decode_stages(), self.decode_block_n());
+                (self.block_m() + 2 * stages * n) * row + 8 * stages * n
+            }
         }
     }
 
     /// Decode: warps, each taking 16 keys of a shared-memory block: four, or two where four do not fit the
     /// budget (from d = 192 in 99 KB).
     fn decode_warps(&self) -> usize {
-        let four = (self.block_m() + 2 * self.decode_stages() * 64) * (self.hdim + 8) * 2;
+        let stages = self.decode_stages();
+        let four = (self.block_m() + 2 * stages * 64) * (self.hdim + 8) * 2 + 8 * stages * 64;
         if self.budget == Budget::Large || four <= self.budget.bytes() {
             4
         } else {

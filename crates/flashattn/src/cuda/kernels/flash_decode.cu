@@ -45,16 +45,20 @@ DEVICE int keys_of(const DecodeParams &dp, int b) {
     return min(max(dp.cache_seqlens[b], 0) + dp.seqlen_new, dp.capacity);
 }
 
-// Element offset of token t's row (head 0) in a cache with page stride `page_stride`, or -1 when its page index
-// is outside the cache.
-DEVICE long long cache_row(const DecodeParams &dp, int b, int t, long long page_stride, long long row_stride) {
-    int page = b, slot = t;
-    if (dp.block_table) {
-        page = dp.block_table[b * dp.table_stride + t / dp.page_size];
-        slot = t % dp.page_size;
-    }
-    if (page < 0 || page >= dp.num_pages) return -1;
-    return page * page_stride + slot * row_stride;
+// The page holding token t of sequence b: its table entry (for a contiguous cache, b itself).
+DEVICE int page_of(const DecodeParams &dp, int b, int t) {
+    return dp.block_table ? dp.block_table[b * dp.table_stride + t / dp.page_size] : b;
+}
+
+// Where token t lives in page `page`: (page, slot), or page -1 when the page is outside the cache.
+DEVICE int2 cache_slot(const DecodeParams &dp, int page, int t) {
+    if (page < 0 || page >= dp.num_pages) return make_int2(-1, 0);
+    return make_int2(page, dp.block_table ? t % dp.page_size : t);
+}
+
+// Element offset of a (page, slot) row, head 0, in a cache with these strides.
+DEVICE long long row_offset(int2 at, long long page_stride, long long row_stride) {
+    return at.x * page_stride + at.y * row_stride;
 }
 
 template <int N>
@@ -62,22 +66,38 @@ DEVICE void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Keys [n0, n0 + BLOCK_N) of KV head hk into a K and a V tile; rows past `len` (or on a bad page) become zeros.
-DEVICE void load_kv(const DecodeParams &dp, u16 *sK, u16 *sV, int b, int hk, int n0, int len) {
+// Where a block's rows live: row r of keys [n0, n0 + BLOCK_N) at slots[r] (page -1 past `len` or on a page
+// outside the cache). Threads below BLOCK_N each place one row; `page` is the table entry they fetched
+// (`fetch_page`) earlier, so that its load's latency hides behind other work.
+DEVICE void store_slots(const DecodeParams &dp, int2 *slots, int page, int n0, int len) {
+    const int r = threadIdx.x, t = n0 + r;
+    if (r < BLOCK_N) slots[r] = t < len ? cache_slot(dp, page, t) : make_int2(-1, 0);
+}
+
+// The table entry of this thread's row of keys [n0, n0 + BLOCK_N) (any value where there is none).
+DEVICE int fetch_page(const DecodeParams &dp, int b, int n0, int len) {
+    const int t = n0 + (int)threadIdx.x;
+    return threadIdx.x < BLOCK_N && t < len ? page_of(dp, b, t) : -1;
+}
+
+// Keys [n0, n0 + BLOCK_N) of KV head hk into a K and a V tile, from the rows `slots` places (store_slots); rows
+// without a page become zeros.
+DEVICE void load_kv(const DecodeParams &dp, u16 *sK, u16 *sV, const int2 *slots, int hk) {
     const AttnParams &p = dp.a;
     const u32 k_base = smem_addr(sK), v_base = smem_addr(sV);
-#pragma unroll 1
-    for (int i = threadIdx.x; i < BLOCK_N * CHUNKS; i += NTHREADS) {
-        const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
-        const int t = n0 + r;
-        long long k_off = -1, v_off = -1;
-        if (t < len && c < p.head_dim) {
-            k_off = cache_row(dp, b, t, p.k_batch, p.k_row);
-            v_off = cache_row(dp, b, t, p.v_batch, p.v_row);
-        }
-        const u16 *k = p.k + hk * p.k_head + c + k_off, *v = p.v + hk * p.v_head + c + v_off;
-        cp_async16(k_base + Tile<BLOCK_N>::bytes(r, c), k_off >= 0 ? k : p.k, k_off >= 0);
-        cp_async16(v_base + Tile<BLOCK_N>::bytes(r, c), v_off >= 0 ? v : p.v, v_off >= 0);
+    // NTHREADS / CHUNKS rows at a time, one 16-byte chunk per thread (the rest sit out when CHUNKS does not
+    // divide NTHREADS).
+    constexpr int ROWS_AT_ONCE = NTHREADS / CHUNKS;
+    if (threadIdx.x >= ROWS_AT_ONCE * CHUNKS) return;
+    const int c = (threadIdx.x % CHUNKS) * 8;
+    const bool col = c < p.head_dim;
+    const u16 *k = p.k + hk * p.k_head + c, *v = p.v + hk * p.v_head + c;
+#pragma unroll 4
+    for (int r = threadIdx.x / CHUNKS; r < BLOCK_N; r += ROWS_AT_ONCE) {
+        const int2 at = slots[r];
+        const bool ok = col && at.x >= 0;
+        cp_async16(k_base + Tile<BLOCK_N>::bytes(r, c), ok ? k + row_offset(at, p.k_batch, p.k_row) : p.k, ok);
+        cp_async16(v_base + Tile<BLOCK_N>::bytes(r, c), ok ? v + row_offset(at, p.v_batch, p.v_row) : p.v, ok);
     }
 }
 
@@ -87,11 +107,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_decode(const Dec
     u16 *sQ = smem;
     u16 *sKV = sQ + Tile<ROWS>::ELEMS;  // STAGES x (K, V)
     constexpr int KV_ELEMS = 2 * Tile<BLOCK_N>::ELEMS;
+    // Per stage, where the rows of the block it receives next live (BLOCK_N slots).
+    int2 *sSlots = (int2 *)(sKV + STAGES * KV_ELEMS);
     // After the loop the ring holds the warps' partial outputs (f32, rows padded by 4) and row statistics.
     float *sO = (float *)sKV;
     constexpr int O_LD = HDIM + 4;
     float *sMax = sO + NWARPS * ROWS * O_LD, *sSum = sMax + NWARPS * ROWS;
-    static_assert(2 * (Tile<ROWS>::ELEMS + STAGES * KV_ELEMS) <= SMEM_BYTES,
+    static_assert(2 * (Tile<ROWS>::ELEMS + STAGES * KV_ELEMS) + 8 * STAGES * BLOCK_N <= SMEM_BYTES,
                   "shared memory: the layout outgrew the host's SMEM_BYTES (Variant::smem_bytes)");
     static_assert(4 * NWARPS * ROWS * (O_LD + 2) <= 2 * STAGES * KV_ELEMS, "the merge buffers outgrew the ring");
     static_assert(BLOCK_N == 16 * NWARPS, "each warp takes 16 keys of a block");
@@ -124,10 +146,19 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_decode(const Dec
             cp_async16(base + Tile<ROWS>::bytes(r, c), ok ? src : p.q, ok);
         }
     }
-    // The ring's prologue: Q joins the first group.
+    // The ring's prologue: where the rows of the first STAGES blocks live, then the first STAGES - 1 loads (Q
+    // joins the first group).
+    auto stage_kv = [&](int s) { return sKV + s * KV_ELEMS; };
+    auto stage_slots = [&](int s) { return sSlots + s * BLOCK_N; };
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+        const int n0 = (n_begin + s) * BLOCK_N;
+        store_slots(dp, stage_slots(s), fetch_page(dp, b, n0, seq.len_k), n0, seq.len_k);
+    }
+    __syncthreads();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (n_begin + s < n_end) load_kv(dp, sKV + s * KV_ELEMS, sKV + s * KV_ELEMS + Tile<BLOCK_N>::ELEMS, b, hk, (n_begin + s) * BLOCK_N, seq.len_k);
+        if (n_begin + s < n_end) load_kv(dp, stage_kv(s), stage_kv(s) + Tile<BLOCK_N>::ELEMS, stage_slots(s), hk);
         cp_async_commit();
     }
 
@@ -168,9 +199,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_decode(const Dec
         __syncthreads();  // block n is in; every warp is done with the stage the next load overwrites
         {
             const int ahead = n + STAGES - 1, s = (stage + STAGES - 1) % STAGES;
-            if (ahead < n_end) load_kv(dp, sKV + s * KV_ELEMS, sKV + s * KV_ELEMS + Tile<BLOCK_N>::ELEMS, b, hk, ahead * BLOCK_N, seq.len_k);
+            if (ahead < n_end) load_kv(dp, stage_kv(s), stage_kv(s) + Tile<BLOCK_N>::ELEMS, stage_slots(s), hk);
             cp_async_commit();
         }
+        // The table entries of block n + STAGES, placed in this stage's slots after the products (block n's own
+        // slots were read when its load was issued).
+        const int next0 = (n + STAGES) * BLOCK_N;
+        const int next_page = fetch_page(dp, b, next0, seq.len_k);
         const u32 stage_bytes = 2u * stage * KV_ELEMS;
 
         // S = Q K^T for this warp's 16 keys.
@@ -253,6 +288,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_decode(const Dec
                 mma16816(acc_o[mt][2 * dp2 + 1], a[mt], bv + 2);
             }
         }
+        store_slots(dp, stage_slots(stage), next_page, next0, seq.len_k);
     }
     cp_async_wait<0>();
     __syncthreads();  // the ring is free: it becomes the merge buffers
@@ -358,18 +394,16 @@ extern "C" __global__ void __launch_bounds__(128) kv_append(const DecodeParams d
     const int t = blockIdx.x, b = blockIdx.y;
     const int pos = max(dp.cache_seqlens[b], 0) + t;
     if (pos >= dp.capacity) return;
-    const long long k_off = cache_row(dp, b, pos, p.k_batch, p.k_row);
-    const long long v_off = cache_row(dp, b, pos, p.v_batch, p.v_row);
+    const int2 at = cache_slot(dp, page_of(dp, b, pos), pos);
+    if (at.x < 0) return;
+    const long long k_off = row_offset(at, p.k_batch, p.k_row), v_off = row_offset(at, p.v_batch, p.v_row);
     const int chunks = p.heads_kv * (p.head_dim / 8);
     for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
         const int h = i / (p.head_dim / 8), c = (i % (p.head_dim / 8)) * 8;
-        if (k_off >= 0) {
-            const uint4 x = *(const uint4 *)(dp.k_new + b * dp.kn_batch + t * dp.kn_row + h * dp.kn_head + c);
-            *(uint4 *)((u16 *)p.k + k_off + h * p.k_head + c) = x;  // the cache is this call's output
-        }
-        if (v_off >= 0) {
-            const uint4 x = *(const uint4 *)(dp.v_new + b * dp.vn_batch + t * dp.vn_row + h * dp.vn_head + c);
-            *(uint4 *)((u16 *)p.v + v_off + h * p.v_head + c) = x;
-        }
+        // The cache is this call's output.
+        *(uint4 *)((u16 *)p.k + k_off + h * p.k_head + c) =
+            *(const uint4 *)(dp.k_new + b * dp.kn_batch + t * dp.kn_row + h * dp.kn_head + c);
+        *(uint4 *)((u16 *)p.v + v_off + h * p.v_head + c) =
+            *(const uint4 *)(dp.v_new + b * dp.vn_batch + t * dp.vn_row + h * dp.vn_head + c);
     }
 }
