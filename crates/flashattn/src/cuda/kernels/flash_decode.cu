@@ -61,13 +61,6 @@ DEVICE long long row_offset(int2 at, long long page_stride, long long row_stride
     return at.x * page_stride + at.y * row_stride;
 }
 
-// cp_async16 with a hint that L2 fetch the whole 256-byte segment around the address (a K or V row of 128
-// elements): fewer, larger DRAM requests for a stream that reads every byte.
-DEVICE void cp_async16_stream(u32 dst, const void *src, bool pred) {
-    int bytes = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-
 template <int N>
 DEVICE void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -103,8 +96,8 @@ DEVICE void load_kv(const DecodeParams &dp, u16 *sK, u16 *sV, const int2 *slots,
     for (int r = threadIdx.x / CHUNKS; r < BLOCK_N; r += ROWS_AT_ONCE) {
         const int2 at = slots[r];
         const bool ok = col && at.x >= 0;
-        cp_async16_stream(k_base + Tile<BLOCK_N>::bytes(r, c), ok ? k + row_offset(at, p.k_batch, p.k_row) : p.k, ok);
-        cp_async16_stream(v_base + Tile<BLOCK_N>::bytes(r, c), ok ? v + row_offset(at, p.v_batch, p.v_row) : p.v, ok);
+        cp_async16(k_base + Tile<BLOCK_N>::bytes(r, c), ok ? k + row_offset(at, p.k_batch, p.k_row) : p.k, ok);
+        cp_async16(v_base + Tile<BLOCK_N>::bytes(r, c), ok ? v + row_offset(at, p.v_batch, p.v_row) : p.v, ok);
     }
 }
 
