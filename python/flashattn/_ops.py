@@ -266,3 +266,52 @@ def decode_into(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tens
     _core.decode(_describe(q), _describe(k_cache), _describe(v_cache), _describe(cache_seqlens), table,
                  described_new, _describe(out), _describe(lse), opts.items, int(num_splits), _device(q),
                  _allocator(q.device))
+
+
+def _kvcache_impl(q, k_cache, v_cache, cache_seqlens, block_table, k, v, softmax_scale, causal, window_left,
+                  window_right, softcap, alibi_slopes, num_splits):
+    q = _aligned(q)
+    new = None if k is None else (_aligned(k), _aligned(v))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    opts = _Options(softmax_scale, causal, window_left, window_right, softcap, False, alibi_slopes, None, None, 0, 0)
+    decode_into(q, k_cache, v_cache, cache_seqlens.contiguous(),
+                None if block_table is None else block_table.contiguous(), new, out, lse, opts, num_splits)
+    return out, lse
+
+
+@torch.library.custom_op("flashattn::kvcache", mutates_args=("k_cache", "v_cache"))
+def _kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Optional[Tensor],
+    k: Optional[Tensor],
+    v: Optional[Tensor],
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+    num_splits: int,
+) -> Tuple[Tensor, Tensor]:
+    return _kvcache_impl(q, k_cache, v_cache, cache_seqlens, block_table, k, v, softmax_scale, causal, window_left,
+                         window_right, softcap, alibi_slopes, num_splits)
+
+
+@_kvcache.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, block_table, k, v, softmax_scale, causal, window_left, window_right,
+      softcap, alibi_slopes, num_splits):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+def kvcache(*inputs) -> Tuple[Tensor, Tensor]:
+    """(out, lse) for `flashattn::kvcache`'s arguments: the custom operator (which writes the caches in place)
+    while torch.compile traces or on meta tensors, else the same call without the operator's dispatch."""
+    if torch.compiler.is_compiling() or inputs[0].is_meta:
+        return _kvcache(*inputs)
+    return _kvcache_impl(*inputs)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._ops import _aligned, _Options, attention, decode_into
+from ._ops import attention, kvcache
 
 Tensor = torch.Tensor
 
@@ -160,7 +160,8 @@ def flash_attn_with_kvcache(
     return_softmax_lse: bool = False,
 ):
     """Attention of a few new queries per sequence against a key/value cache (decoding, speculative decoding,
-    chunked prefill), optionally appending new keys and values to the cache in place first. No autograd.
+    chunked prefill), optionally appending new keys and values to the cache in place first. No autograd; under
+    torch.compile it is the operator `flashattn::kvcache`, which mutates the caches.
 
     Args:
         q: (batch, seqlen_q, heads_q, head_dim).
@@ -211,11 +212,6 @@ def flash_attn_with_kvcache(
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     left, right = _window(window_size, causal)
-    opts = _Options(softmax_scale, causal, left, right, softcap, False, alibi_slopes, None, None, 0, 0)
-    q = _aligned(q)
-    new = None if k is None else (_aligned(k), _aligned(v))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-    decode_into(q, k_cache, v_cache, cache_seqlens.contiguous(),
-                None if block_table is None else block_table.contiguous(), new, out, lse, opts, num_splits)
+    out, lse = kvcache(q, k_cache, v_cache, cache_seqlens, block_table, k, v, float(softmax_scale), bool(causal),
+                       int(left), int(right), float(softcap), alibi_slopes, int(num_splits))
     return (out, lse) if return_softmax_lse else out

@@ -108,3 +108,35 @@ def test_kvcache_refusals():
     out = flash_attn_with_kvcache(q, kc, kc.clone())
     ref, _ = reference(q, kc, kc)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("device,dtype", device_dtypes()[:1])
+def test_kvcache_under_torch_compile(device, dtype):
+    """One operator in a full graph: the output matches the eager call, and the caches are written in place."""
+    g = generator("kvcache-compile")
+    q = randn((2, 1, 8, 32), dtype, device, g)
+    k_cache = randn((2, 64, 2, 32), dtype, device, g)
+    v_cache = randn((2, 64, 2, 32), dtype, device, g)
+    k_new, v_new = randn((2, 1, 2, 32), dtype, device, g), randn((2, 1, 2, 32), dtype, device, g)
+    lens = torch.tensor([5, 40], dtype=torch.int32, device=device)
+
+    def step(q, kc, vc, kn, vn, lens):
+        return flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, causal=True)
+
+    kc1, vc1 = k_cache.clone(), v_cache.clone()
+    want = step(q, kc1, vc1, k_new, v_new, lens)
+    kc2, vc2 = k_cache.clone(), v_cache.clone()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, kc2, vc2, k_new, v_new, lens)
+    assert torch.equal(got, want)
+    assert torch.equal(kc2, kc1) and torch.equal(vc2, vc1)
+    assert torch.equal(kc2[1, 40], k_new[1, 0]) and not torch.equal(kc2, k_cache)
+
+
+def test_kvcache_operator_passes_opcheck():
+    g = generator("kvcache-opcheck")
+    q = randn((1, 2, 4, 16), torch.float32, "cpu", g)
+    kc, vc = randn((1, 32, 2, 16), torch.float32, "cpu", g), randn((1, 32, 2, 16), torch.float32, "cpu", g)
+    kn, vn = randn((1, 2, 2, 16), torch.float32, "cpu", g), randn((1, 2, 2, 16), torch.float32, "cpu", g)
+    lens = torch.tensor([7], dtype=torch.int32)
+    args = (q, kc, vc, lens, None, kn, vn, 0.25, True, -1, 0, 0.0, None, 0)
+    torch.library.opcheck(torch.ops.flashattn.kvcache.default, args)

@@ -231,6 +231,8 @@ fn bench_table_and_errors() {
         .unwrap());
     assert!(out.contains("GFLOP/s") && out.contains("reference") && out.contains("scaling with N"), "{out}");
     fails(bin().args(["bench", "--seqlen", "0"]).output().unwrap(), "--seqlen");
+    // Decoding times the GPU kernels: on the CPU it says so.
+    fails(bin().args(["bench", "--device", "cpu", "--seqlen-q", "1"]).output().unwrap(), "--seqlen-q");
     fails(
         bin()
             .args([
