@@ -756,6 +756,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_variant_fits_its_architectures_shared_memory() {
+        for arch in ["sm_80", "sm_86", "sm_89", "sm_90", "sm_120"] {
+            let top = Budget::of_arch(arch);
+            for v in Variant::all(arch) {
+                let limit = v.budget.min(top).bytes();
+                assert!(v.smem_bytes() <= limit, "{} on {arch}: {} > {limit}", v.name(), v.smem_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn budgets_pick_tiles_that_fit_or_keep_the_defaults() {
+        let v = |pass, hdim, sm90| Variant {
+            family: Family::Portable,
+            pass,
+            dtype: DType::BF16,
+            hdim,
+            masked: false,
+            has_mod: false,
+            sm90,
+            budget: Budget::Large,
+            long: false,
+        };
+        // The backward does not fit 99 KB with its default tiles: a constrained variant, and it fits.
+        let small = v(Pass::Backward, 128, true).within(Budget::Small);
+        assert_eq!(small.budget, Budget::Small);
+        assert!(small.smem_bytes() <= Budget::Small.bytes() && small.name().ends_with("-99k"));
+        // The forward does: the same variant as uncapped, compiled once.
+        assert_eq!(v(Pass::Forward, 128, true).within(Budget::Small), v(Pass::Forward, 128, true));
+        assert_eq!(Budget::within(100 << 10), Budget::Small);
+        assert_eq!(Budget::within(227 << 10), Budget::Large);
+        assert_eq!(Budget::of_arch("sm_90a"), Budget::Large);
+        assert!(!sm90_features(12) && sm90_features(9));
+    }
+
+    #[test]
     fn wgmma_functions_number_their_operands() {
         let w = [Wgmma::SS, Wgmma::RS, Wgmma::TT].map(|k| wgmma_function(k, 16, DType::BF16)).concat();
         assert!(w.contains("m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;"), "{w}");

@@ -53,3 +53,21 @@ pub(crate) fn decode(arch: (i32, i32), budget: Budget, dtype: DType, head_dim: u
     let hdim = kernels::padded_head_dim(head_dim)?;
     Ok(Variant::decode(dtype, hdim, kernels::sm90_features(arch.0), rows).within(budget))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_hopper_gpu_runs_the_portable_family_within_the_cap() {
+        let pick = |budget, pass| variant((9, 0), budget, pass, DType::BF16, 128, 4096, false, false).unwrap();
+        assert_eq!(pick(Budget::Large, Pass::Forward).family, Family::Hopper);
+        for pass in [Pass::Forward, Pass::Backward] {
+            for budget in [Budget::Small, Budget::Medium] {
+                let v = pick(budget, pass);
+                assert_eq!(v.family, Family::Portable, "{pass:?} under {budget:?}");
+                assert!(v.smem_bytes() <= budget.bytes(), "{} under {budget:?}", v.name());
+            }
+        }
+    }
+}
