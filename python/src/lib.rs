@@ -671,7 +671,7 @@ mod gpu {
             q: &q,
             k_cache: &k_cache,
             v_cache: &v_cache,
-            cache_seqlens: Some(&seqlens),
+            cache_seqlens: &seqlens,
             block_table: table.as_ref(),
             new: new.as_ref().map(|[k, v]| (k, v)),
             out: &out,

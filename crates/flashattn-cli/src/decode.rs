@@ -224,7 +224,7 @@ mod gpu {
                 q: &q,
                 k_cache: &k,
                 v_cache: &v,
-                cache_seqlens: Some(&seqlens),
+                cache_seqlens: &seqlens,
                 block_table: table.as_ref(),
                 new: None,
                 out: &out,

@@ -410,7 +410,7 @@ fn gpu_decode_steps_replay_in_a_graph() {
         q: &qv,
         k_cache: &kv,
         v_cache: &vv,
-        cache_seqlens: Some(&sv),
+        cache_seqlens: &sv,
         block_table: Some(&tv),
         new: Some((&knv, &vnv)),
         out: &ov,

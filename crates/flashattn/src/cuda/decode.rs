@@ -24,8 +24,7 @@ pub const MAX_DECODE_SPLITS: usize = 128;
 /// - `q` (batch, seqlen_q, heads_q, head_dim);
 /// - `k_cache`, `v_cache` (batch, capacity, heads_kv, head_dim), or with a block table (num_blocks, page_size,
 ///   heads_kv, head_dim); written when `new` is given;
-/// - `cache_seqlens` i32 (batch), contiguous: tokens in each cache before the new ones (None: every cache holds
-///   its capacity, and nothing is appended);
+/// - `cache_seqlens` i32 (batch), contiguous: tokens in each cache before the new ones;
 /// - `block_table` i32 (batch, max_blocks), last dimension contiguous;
 /// - `new`: keys and values (batch, seqlen_new, heads_kv, head_dim) appended at `cache_seqlens` first;
 /// - `out` with q's shape and `lse` f32 (batch, heads_q, seqlen_q), both contiguous;
@@ -41,7 +40,7 @@ pub struct DecodeArgs<'a> {
     pub q: &'a DeviceView,
     pub k_cache: &'a DeviceView,
     pub v_cache: &'a DeviceView,
-    pub cache_seqlens: Option<&'a DeviceView>,
+    pub cache_seqlens: &'a DeviceView,
     pub block_table: Option<&'a DeviceView>,
     pub new: Option<(&'a DeviceView, &'a DeviceView)>,
     pub out: &'a DeviceView,
@@ -189,8 +188,7 @@ impl Gpu {
         let q = Checked::new(self, "q", args.q, elem, 16)?;
         let k = Checked::new(self, "k_cache", args.k_cache, elem, 16)?;
         let v = Checked::new(self, "v_cache", args.v_cache, elem, 16)?;
-        let seqlens =
-            args.cache_seqlens.map(|s| Checked::new(self, "cache_seqlens", s, DeviceDType::I32, 4)).transpose()?;
+        let seqlens = Checked::new(self, "cache_seqlens", args.cache_seqlens, DeviceDType::I32, 4)?;
         let table = args.block_table.map(|t| Checked::new(self, "block_table", t, DeviceDType::I32, 4)).transpose()?;
         let new = match args.new {
             Some((kn, vn)) => Some((Checked::new(self, "k", kn, elem, 16)?, Checked::new(self, "v", vn, elem, 16)?)),
@@ -202,13 +200,11 @@ impl Gpu {
             &k,
             &v,
             args.block_table.map(|t| t.shape.as_slice()),
-            args.cache_seqlens.map(|s| s.shape.as_slice()),
+            Some(args.cache_seqlens.shape.as_slice()),
             new_layout,
             args.opts,
         )?;
-        if let Some(seqlens) = &seqlens {
-            seqlens.contiguous("cache_seqlens", &[plan.batch])?;
-        }
+        seqlens.contiguous("cache_seqlens", &[plan.batch])?;
         if let Some(t) = &table {
             if t.view.strides[1] != 1 {
                 return Err(AttnError::Stride {
@@ -243,8 +239,7 @@ impl Gpu {
             }
             None => None,
         };
-        let mut inputs = vec![("q", &q)];
-        inputs.extend(seqlens.iter().map(|s| ("cache_seqlens", s)));
+        let mut inputs = vec![("q", &q), ("cache_seqlens", &seqlens)];
         inputs.extend(table.iter().map(|t| ("block_table", t)));
         inputs.extend(alibi.iter().map(|(a, _)| ("alibi_slopes", a)));
         let mut outputs = vec![("out", &out), ("lse", &lse)];
@@ -301,10 +296,7 @@ impl Gpu {
                 .map_err(driver_err("copying device inputs back to check them"))?;
             Ok(host)
         };
-        let seqlens = match args.cache_seqlens {
-            Some(s) => read(s, plan.batch)?,
-            None => vec![plan.capacity() as i32; plan.batch],
-        };
+        let seqlens = read(args.cache_seqlens, plan.batch)?;
         let table = match args.block_table {
             Some(t) => {
                 let rows = read(t, (plan.batch - 1) * t.strides[0] + plan.max_blocks)?;
@@ -353,7 +345,7 @@ fn decode_params(plan: &DecodePlan, args: &DecodeArgs, alibi_batch_stride: i32, 
     (a.o_batch, a.o_row, a.o_head) = strides3(&args.out.strides);
     let mut p = DecodeParams {
         a,
-        cache_seqlens: args.cache_seqlens.map_or(0, |s| s.ptr),
+        cache_seqlens: args.cache_seqlens.ptr,
         block_table: args.block_table.map_or(0, |t| t.ptr),
         table_stride: args.block_table.map_or(0, |t| t.strides[0] as i64),
         page_size: plan.page_size as i32,
@@ -410,7 +402,7 @@ pub(crate) fn decode_host<T: crate::Element>(
         q: &qv,
         k_cache: &kv,
         v_cache: &vv,
-        cache_seqlens: Some(&sv),
+        cache_seqlens: &sv,
         block_table: tv.as_ref(),
         new: nv.as_ref().map(|(k, v)| (k, v)),
         out: &ov,

@@ -3,7 +3,6 @@
 
 use super::call::ForwardArgs;
 use super::checks::{self, Checked};
-use super::decode::DecodeArgs;
 use super::gpu::{driver_err, Gpu};
 use super::kernels::{Family, Pass};
 use super::params::strides3;
@@ -20,9 +19,6 @@ impl Gpu {
     /// Bytes of workspace `args` needs (0 when none).
     pub fn forward_workspace_bytes(&self, args: &ForwardArgs) -> Result<usize> {
         let call = self.check_call((args.q, args.k, args.v), args.opts, &args.device, Pass::Forward)?;
-        if call.variant.pass == Pass::Decode {
-            return self.decode_workspace_bytes(&as_decode(args));
-        }
         Ok(forward_scratch(call.variant.family))
     }
 
@@ -30,9 +26,6 @@ impl Gpu {
     /// more than launch: what must happen before a launch is captured in a CUDA graph.
     pub fn prepare_forward(&self, args: &ForwardArgs) -> Result<()> {
         let call = self.check_call((args.q, args.k, args.v), args.opts, &args.device, Pass::Forward)?;
-        if call.variant.pass == Pass::Decode {
-            return self.prepare_decode(&as_decode(args));
-        }
         self.load(call.variant).map(|_| ())
     }
 
@@ -69,9 +62,6 @@ impl Gpu {
     ) -> Result<usize> {
         checks::stream_of(self, stream)?;
         let call = self.check_call((args.q, args.k, args.v), args.opts, &args.device, Pass::Forward)?;
-        if call.variant.pass == Pass::Decode {
-            return self.run_decode(stream, &as_decode(args), workspace);
-        }
         let (plan, variant) = (&call.plan, call.variant);
         let out = Checked::new(self, "out", args.out, args.q.dtype, 16)?;
         out.contiguous("out", plan.q_shape())?;
@@ -151,22 +141,5 @@ fn forward_scratch(family: Family) -> usize {
     match family {
         Family::Hopper => TILE_COUNTER_BYTES,
         Family::Portable => 0,
-    }
-}
-
-/// A short dense forward as a decode call: k and v are full caches (`select::FORWARD_AS_DECODE_ROWS`).
-fn as_decode<'a>(args: &ForwardArgs<'a>) -> DecodeArgs<'a> {
-    DecodeArgs {
-        q: args.q,
-        k_cache: args.k,
-        v_cache: args.v,
-        cache_seqlens: None,
-        block_table: None,
-        new: None,
-        out: args.out,
-        lse: args.lse,
-        opts: args.opts,
-        alibi_slopes: args.device.alibi_slopes,
-        num_splits: 0,
     }
 }

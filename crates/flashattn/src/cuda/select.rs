@@ -6,17 +6,9 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::problem::Plan;
 
-/// Rows per KV head (queries x query heads per KV head) up to which a dense forward runs as decode: its tiles
-/// would be nearly empty, and the decode kernel splits the keys to fill the GPU instead.
-pub const FORWARD_AS_DECODE_ROWS: usize = 32;
-
-/// The variant for a planned problem; a short dense forward gets the decode variant (`FORWARD_AS_DECODE_ROWS`).
+/// The variant for a planned problem.
 pub(crate) fn for_plan(arch: (i32, i32), budget: Budget, pass: Pass, plan: &Plan) -> Result<Variant> {
     let len_q = plan.len_q.iter().copied().max().unwrap_or(0);
-    let rows = len_q * plan.group();
-    if pass == Pass::Forward && !plan.varlen && rows <= FORWARD_AS_DECODE_ROWS {
-        return decode(arch, budget, plan.dtype(), plan.head_dim, rows);
-    }
     variant(arch, budget, pass, plan.dtype(), plan.head_dim, len_q, plan.mask.masked(), plan.mask.modifies_scores())
 }
 

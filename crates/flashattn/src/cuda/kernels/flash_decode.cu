@@ -24,7 +24,7 @@
 // The layout of `cuda::decode::DecodeParams` on the Rust side.
 struct DecodeParams {
     AttnParams a;              // q, the caches k / v (k_batch, v_batch: the page stride), out, lse, options
-    const int *cache_seqlens;  // (batch): tokens in each cache before the new ones; null: every cache is full
+    const int *cache_seqlens;  // (batch): tokens in each cache before the new ones
     const int *block_table;    // (batch, table_stride) page indices; null: a contiguous cache, page b is sequence b
     const u16 *k_new, *v_new;  // (batch, seqlen_new, heads_kv, head_dim), or null
     float *o_part;             // (splits, rows, HDIM) normalised partial outputs, rows = batch * seqlen_q * heads_q
@@ -39,9 +39,8 @@ struct DecodeParams {
     int num_splits;
 };
 
-// Keys sequence b attends to: its cache and the new tokens, within the capacity (without lengths, all of it).
+// Keys sequence b attends to: its cache and the new tokens, within the capacity.
 DEVICE int keys_of(const DecodeParams &dp, int b) {
-    if (!dp.cache_seqlens) return dp.capacity;
     return min(max(dp.cache_seqlens[b], 0) + dp.seqlen_new, dp.capacity);
 }
 
