@@ -117,16 +117,6 @@ impl Gpu {
         workspace: WorkspaceFrom,
     ) -> Result<()> {
         checks::stream_of(self, stream)?;
-        self.run_decode(stream, args, workspace).map(|_| ())
-    }
-
-    /// `launch_decode_with` on a checked stream, returning the bytes of scratch the call used.
-    pub(crate) fn run_decode(
-        &self,
-        stream: &Arc<CudaStream>,
-        args: &DecodeArgs,
-        workspace: WorkspaceFrom,
-    ) -> Result<usize> {
         let mut call = self.check_decode(args)?;
         let loaded = self.load(call.variant)?;
         let bytes = self.decode_scratch(&call);
@@ -163,7 +153,7 @@ impl Gpu {
             launch(loaded.after.as_ref().unwrap(), grid, 128, 0, "launching the decode combine")?;
         }
         drop(scratch);
-        Ok(bytes)
+        Ok(())
     }
 
     fn decode_scratch(&self, call: &DecodeCall) -> usize {
@@ -252,6 +242,12 @@ impl Gpu {
         }
         checks::no_overlap(&outputs, &inputs)?;
         let most = plan.batch * plan.seqlen_q * plan.heads_q;
+        if plan.batch * plan.heads_kv > 65535 {
+            return Err(AttnError::Unsupported {
+                what: format!("{} sequences x KV heads in one decode call", plan.batch * plan.heads_kv),
+                why: "a launch's second grid dimension holds at most 65535: split the batch".into(),
+            });
+        }
         if most > i32::MAX as usize || plan.capacity() > i32::MAX as usize || plan.num_pages > i32::MAX as usize {
             return Err(AttnError::Unsupported {
                 what: "more than 2^31 rows, tokens or pages".into(),
