@@ -139,16 +139,15 @@ mod gpu {
         Err(AttnError::Unsupported { what: "GPU decode".into(), why: "this build has no CUDA support".into() })
     }
     pub fn decode(_: usize, _: DType, _: DecodeShape) -> Result<Box<dyn Subject>> {
-        copy_rate(0).map(|_| unreachable!())
+        Err(AttnError::Unsupported { what: "GPU decode".into(), why: "this build has no CUDA support".into() })
     }
 }
 
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use crate::random::fill_normal;
+    use crate::subject::random_tensor;
     use flashattn::cuda::{CudaSlice, DecodeArgs, DeviceDType, DeviceTensor, DeviceView, Gpu, Workspace};
-    use half::{bf16, f16};
     use std::sync::Arc;
 
     /// The device-to-device copy rate of this GPU: bytes read and written per second over ROTATE_BYTES, in TB/s
@@ -195,19 +194,6 @@ mod gpu {
         /// The workspace's buffer and its address.
         _buffer: Option<CudaSlice<u8>>,
         workspace: Option<Workspace>,
-    }
-
-    fn random(gpu: &Gpu, dtype: DType, shape: &[usize], seed: u64) -> Result<DeviceTensor> {
-        let n = shape.iter().product();
-        if dtype == DType::BF16 {
-            let mut v = vec![bf16::ZERO; n];
-            fill_normal(&mut v, seed);
-            gpu.upload(&flashattn::TensorRef::new(&v, shape))
-        } else {
-            let mut v = vec![f16::ZERO; n];
-            fill_normal(&mut v, seed);
-            gpu.upload(&flashattn::TensorRef::new(&v, shape))
-        }
     }
 
     impl Decode {
@@ -284,9 +270,9 @@ mod gpu {
         let mut sets = Vec::new();
         for i in 0..copies as u64 {
             sets.push(Set {
-                q: random(&gpu, dtype, &q_shape, 3 * i + 1)?,
-                k: random(&gpu, dtype, &cache_shape, 3 * i + 2)?,
-                v: random(&gpu, dtype, &cache_shape, 3 * i + 3)?,
+                q: random_tensor(&gpu, dtype, &q_shape, 3 * i + 1)?,
+                k: random_tensor(&gpu, dtype, &cache_shape, 3 * i + 2)?,
+                v: random_tensor(&gpu, dtype, &cache_shape, 3 * i + 3)?,
             });
         }
         let mut subject = Decode {

@@ -168,7 +168,7 @@ pub fn host(backend: Backend, dtype: DType, shape: Shape, needs_forward_output: 
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{approx_device, device};
+pub use gpu::{approx_device, device, random_tensor};
 
 #[cfg(not(feature = "cuda"))]
 pub fn device(_: usize, _: DType, _: Shape, _: bool) -> Result<Box<dyn Subject>> {
@@ -209,7 +209,8 @@ mod gpu {
         dv: DeviceTensor,
     }
 
-    fn random(gpu: &Gpu, dtype: DType, shape: &[usize], seed: u64) -> Result<DeviceTensor> {
+    /// Random normal values of `dtype` (bf16, else f16) uploaded to the GPU.
+    pub fn random_tensor(gpu: &Gpu, dtype: DType, shape: &[usize], seed: u64) -> Result<DeviceTensor> {
         let n = shape.iter().product();
         match dtype {
             DType::BF16 => {
@@ -296,10 +297,10 @@ mod gpu {
         let gpu = Gpu::open(ordinal)?;
         let (qs, kvs) = (shape.q_shape(), shape.kv_shape());
         let t = [
-            random(&gpu, dtype, &qs, 7)?,
-            random(&gpu, dtype, &kvs, 8)?,
-            random(&gpu, dtype, &kvs, 9)?,
-            random(&gpu, dtype, &qs, 10)?,
+            random_tensor(&gpu, dtype, &qs, 7)?,
+            random_tensor(&gpu, dtype, &kvs, 8)?,
+            random_tensor(&gpu, dtype, &kvs, 9)?,
+            random_tensor(&gpu, dtype, &qs, 10)?,
             gpu.zeros(dtype, &qs)?,
             gpu.zeros(dtype, &qs)?,
             gpu.zeros(dtype, &kvs)?,
@@ -315,10 +316,10 @@ mod gpu {
         let (qs, kvs) = (shape.q_shape(), shape.kv_shape());
         gpu.prepare(dtype, shape.head_dim, shape.seqlen, &shape.options(), needs_forward_output)?;
         let mut d = Device {
-            q: random(&gpu, dtype, &qs, 7)?,
-            k: random(&gpu, dtype, &kvs, 8)?,
-            v: random(&gpu, dtype, &kvs, 9)?,
-            dout: random(&gpu, dtype, &qs, 10)?,
+            q: random_tensor(&gpu, dtype, &qs, 7)?,
+            k: random_tensor(&gpu, dtype, &kvs, 8)?,
+            v: random_tensor(&gpu, dtype, &kvs, 9)?,
+            dout: random_tensor(&gpu, dtype, &qs, 10)?,
             out: gpu.zeros(dtype, &qs)?,
             lse: gpu.zeros_f32(shape.batch * shape.heads_q * shape.seqlen)?,
             dq: gpu.zeros(dtype, &qs)?,

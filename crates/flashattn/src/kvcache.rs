@@ -64,7 +64,7 @@ impl DecodePlan {
         k_cache: &impl TensorLayout,
         v_cache: &impl TensorLayout,
         block_table: Option<&[usize]>,
-        seqlens_shape: Option<&[usize]>,
+        seqlens_shape: &[usize],
         new: Option<(&dyn TensorLayout, &dyn TensorLayout)>,
         opts: &AttnOptions,
     ) -> Result<DecodePlan> {
@@ -102,12 +102,8 @@ impl DecodePlan {
             return Err(AttnError::Gqa { heads_q, heads_kv });
         }
         match seqlens_shape {
-            Some(&[n]) => same("batch", ("q", batch), ("cache_seqlens", n))?,
-            Some(other) => return Err(AttnError::shape("cache_seqlens", "1 dimension (batch)", other)),
-            None if new.is_some() => {
-                return Err(AttnError::option("cache_seqlens", "the caches' lengths, to append new keys", "none"))
-            }
-            None => {}
+            &[n] => same("batch", ("q", batch), ("cache_seqlens", n))?,
+            other => return Err(AttnError::shape("cache_seqlens", "1 dimension (batch)", other)),
         }
         let (page_size, max_blocks) = match block_table {
             Some(&[b, max_blocks]) => {
@@ -183,6 +179,7 @@ impl DecodePlan {
     }
 
     /// Rows of one KV head's problem: its query heads times the new queries.
+    #[cfg(feature = "cuda")]
     pub fn rows_per_kv_head(&self) -> usize {
         self.seqlen_q * (self.heads_q / self.heads_kv)
     }
@@ -245,7 +242,7 @@ pub fn forward_kvcache<T: Element>(
         &k_cache,
         &v_cache,
         table_shape.as_ref().map(|s| &s[..]),
-        Some(&[cache.seqlens.len()]),
+        &[cache.seqlens.len()],
         new_layout,
         opts,
     )?;

@@ -115,16 +115,9 @@ impl Gpu {
         let plan = Plan::for_device(&qkv[0], &qkv[1], &qkv[2], opts, dtype, varlen, device.alibi_slopes.is_some())?;
         let alibi_batch_stride = match device.alibi_slopes {
             Some(slopes) => {
-                let c = Checked::new(self, "alibi_slopes", slopes, DeviceDType::F32, 4)?;
-                let per_seq = slopes.shape.len() == 2;
-                let shape = if per_seq { vec![plan.batch, plan.heads_q] } else { vec![plan.heads_q] };
-                c.contiguous("alibi_slopes", &shape)?;
+                let (c, stride) = checks::alibi_slopes(self, slopes, plan.batch, plan.heads_q)?;
                 extras.push(c);
-                if per_seq {
-                    plan.heads_q as i32
-                } else {
-                    0
-                }
+                stride
             }
             None => 0,
         };

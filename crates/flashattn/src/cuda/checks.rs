@@ -146,6 +146,20 @@ pub(crate) fn kernel_dtype(q: &DeviceView) -> Result<crate::DType> {
     }
 }
 
+/// ALiBi slopes on the device: f32, contiguous, (heads_q) or (batch, heads_q). Returns the checked view and the
+/// kernels' batch stride of the slopes (0 when one set serves every sequence).
+pub(crate) fn alibi_slopes<'a>(
+    gpu: &Gpu,
+    slopes: &'a DeviceView,
+    batch: usize,
+    heads_q: usize,
+) -> Result<(Checked<'a>, i32)> {
+    let c = Checked::new(gpu, "alibi_slopes", slopes, DeviceDType::F32, 4)?;
+    let per_seq = slopes.shape.len() == 2;
+    c.contiguous("alibi_slopes", &if per_seq { vec![batch, heads_q] } else { vec![heads_q] })?;
+    Ok((c, if per_seq { heads_q as i32 } else { 0 }))
+}
+
 /// No output shares memory with an input or another output.
 pub(crate) fn no_overlap(outputs: &[(&'static str, &Checked)], inputs: &[(&'static str, &Checked)]) -> Result<()> {
     let meet = |a: &std::ops::Range<u64>, b: &std::ops::Range<u64>| a.start < b.end && b.start < a.end;

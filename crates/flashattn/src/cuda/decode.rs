@@ -5,7 +5,7 @@
 //! `prepare_decode` has run.
 
 use super::checks::{self, Checked};
-use super::gpu::{driver_err, Gpu};
+use super::gpu::{driver_err, Gpu, Loaded};
 use super::kernels::Variant;
 use super::params::{strides3, AttnParams};
 use super::select;
@@ -78,10 +78,11 @@ struct DecodeParams {
 // SAFETY: a plain C struct of integers and floats, passed by value as a kernel argument.
 unsafe impl cudarc::driver::DeviceRepr for DecodeParams {}
 
-/// A decode call past its checks.
+/// A decode call past its checks, with its kernels loaded (the split count needs the main kernel's occupancy).
 struct DecodeCall {
     plan: DecodePlan,
     variant: Variant,
+    loaded: Arc<Loaded>,
     params: DecodeParams,
 }
 
@@ -94,8 +95,7 @@ impl Gpu {
 
     /// Checks `args` and loads (compiling on first use) the kernels they need: after it, a launch only launches.
     pub fn prepare_decode(&self, args: &DecodeArgs) -> Result<()> {
-        let call = self.check_decode(args)?;
-        self.load(call.variant).map(|_| ())
+        self.check_decode(args).map(|_| ())
     }
 
     /// Attention of `args.q` against a KV cache, queued on `stream` (of this GPU's primary context); scratch
@@ -118,7 +118,7 @@ impl Gpu {
     ) -> Result<()> {
         checks::stream_of(self, stream)?;
         let mut call = self.check_decode(args)?;
-        let loaded = self.load(call.variant)?;
+        let loaded = call.loaded.clone();
         let bytes = self.decode_scratch(&call);
         let scratch = self.scratch(stream, workspace, bytes)?;
         let plan = &call.plan;
@@ -190,7 +190,7 @@ impl Gpu {
             &k,
             &v,
             args.block_table.map(|t| t.shape.as_slice()),
-            Some(args.cache_seqlens.shape.as_slice()),
+            &args.cache_seqlens.shape,
             new_layout,
             args.opts,
         )?;
@@ -217,18 +217,7 @@ impl Gpu {
         out.contiguous("out", &plan.out_shape())?;
         let lse = Checked::new(self, "lse", args.lse, DeviceDType::F32, 16)?;
         lse.contiguous("lse", &plan.lse_shape())?;
-        let alibi = match args.alibi_slopes {
-            Some(s) => {
-                let c = Checked::new(self, "alibi_slopes", s, DeviceDType::F32, 4)?;
-                let per_seq = s.shape.len() == 2;
-                c.contiguous(
-                    "alibi_slopes",
-                    &if per_seq { vec![plan.batch, plan.heads_q] } else { vec![plan.heads_q] },
-                )?;
-                Some((c, if per_seq { plan.heads_q as i32 } else { 0 }))
-            }
-            None => None,
-        };
+        let alibi = args.alibi_slopes.map(|s| checks::alibi_slopes(self, s, plan.batch, plan.heads_q)).transpose()?;
         let mut inputs = vec![("q", &q), ("cache_seqlens", &seqlens)];
         inputs.extend(table.iter().map(|t| ("block_table", t)));
         inputs.extend(alibi.iter().map(|(a, _)| ("alibi_slopes", a)));
@@ -259,27 +248,10 @@ impl Gpu {
         }
 
         let variant = select::decode(self.arch, self.budget, dtype, plan.head_dim, plan.rows_per_kv_head())?;
-        let splits = self.decode_splits(&plan, variant, args.num_splits)?;
+        let loaded = self.load(variant)?;
+        let splits = decode_splits(&plan, variant, loaded.resident, args.num_splits);
         let params = decode_params(&plan, args, alibi.map_or(0, |(_, s)| s), splits);
-        Ok(DecodeCall { plan, variant, params })
-    }
-
-    /// Splits of each row block's keys: with as many CTAs as the GPU runs at once or more, none; else enough
-    /// that the waves of CTAs fill it (the fewest within 85% of the best wave efficiency, as FlashAttention
-    /// chooses), never more than the key blocks of the capacity.
-    fn decode_splits(&self, plan: &DecodePlan, variant: Variant, requested: usize) -> Result<usize> {
-        let most = plan.capacity().div_ceil(variant.decode_block_n()).clamp(1, MAX_DECODE_SPLITS);
-        if requested > 0 {
-            return Ok(requested.min(most));
-        }
-        let resident = self.load(variant)?.resident;
-        let ctas = plan.rows_per_kv_head().div_ceil(variant.block_m()) * plan.batch * plan.heads_kv;
-        let efficiency = |s: usize| {
-            let waves = (ctas * s) as f64 / resident as f64;
-            waves / waves.ceil()
-        };
-        let best = (1..=most).map(efficiency).fold(0.0, f64::max);
-        Ok((1..=most).find(|&s| efficiency(s) >= 0.85 * best).unwrap_or(1))
+        Ok(DecodeCall { plan, variant, loaded, params })
     }
 
     /// The debugging check of the device-held lengths and page indices (`FLASHATTN_CHECK_DEVICE_INPUTS=1`).
@@ -306,6 +278,23 @@ impl Gpu {
         };
         plan.check_values(&seqlens, table.as_deref())
     }
+}
+
+/// Splits of each row block's keys: with as many CTAs as the GPU runs at once (`resident`) or more, none; else
+/// enough that the waves of CTAs fill it (the fewest within 85% of the best wave efficiency, as FlashAttention
+/// chooses), never more than the key blocks of the capacity.
+fn decode_splits(plan: &DecodePlan, variant: Variant, resident: usize, requested: usize) -> usize {
+    let most = plan.capacity().div_ceil(variant.decode_block_n()).clamp(1, MAX_DECODE_SPLITS);
+    if requested > 0 {
+        return requested.min(most);
+    }
+    let ctas = plan.rows_per_kv_head().div_ceil(variant.block_m()) * plan.batch * plan.heads_kv;
+    let efficiency = |s: usize| {
+        let waves = (ctas * s) as f64 / resident as f64;
+        waves / waves.ceil()
+    };
+    let best = (1..=most).map(efficiency).fold(0.0, f64::max);
+    (1..=most).find(|&s| efficiency(s) >= 0.85 * best).unwrap_or(1)
 }
 
 /// The parameter block of a checked call (the workspace's addresses are filled in at launch).
