@@ -1,9 +1,9 @@
 //! The one place that chooses a kernel: (GPU architecture and shared-memory budget, pass, problem) -> variant.
 
 use super::kernels::{self, Budget, Family, Pass, Variant};
-use super::tuning::{portable_forced, smem_limit};
+use super::tuning::portable_forced;
 use crate::dtype::DType;
-use crate::error::{AttnError, Result};
+use crate::error::Result;
 use crate::problem::Plan;
 
 /// The variant for a planned problem.
@@ -37,28 +37,13 @@ pub(crate) fn variant(
             return Ok(hopper);
         }
     }
-    validated(portable.within(budget))
+    Ok(portable.within(budget))
 }
 
 /// The decode variant for `rows` query rows per KV head (new queries x query heads per KV head).
 pub(crate) fn decode(arch: (i32, i32), budget: Budget, dtype: DType, head_dim: usize, rows: usize) -> Result<Variant> {
     let hdim = kernels::padded_head_dim(head_dim)?;
-    validated(Variant::decode(dtype, hdim, kernels::sm90_features(arch.0), rows).within(budget))
-}
-
-/// The variant, unless its tiles are a smaller budget's (`Variant::budget`) and have not been run on a GPU yet:
-/// those compile and fit (CI checks both), but until a GPU test run under `FLASHATTN_SMEM_LIMIT_KB` has passed,
-/// they are used only where that variable asks for them (which a GPU of that budget may set to try them).
-fn validated(v: Variant) -> Result<Variant> {
-    if v.budget == Budget::Large || smem_limit().is_some() {
-        return Ok(v);
-    }
-    Err(AttnError::Unsupported {
-        what: format!("{} with {} KB of shared memory per block", v.name(), v.budget.bytes() >> 10),
-        why: "its tile table is not yet validated on a GPU; FLASHATTN_SMEM_LIMIT_KB set to the GPU's limit (99 or \
-              163) enables it"
-            .into(),
-    })
+    Ok(Variant::decode(dtype, hdim, kernels::sm90_features(arch.0), rows).within(budget))
 }
 
 #[cfg(test)]
@@ -71,17 +56,10 @@ mod tests {
         assert_eq!(pick(Budget::Large, Pass::Forward).unwrap().family, Family::Hopper);
         for pass in [Pass::Forward, Pass::Backward] {
             for budget in [Budget::Small, Budget::Medium] {
-                match pick(budget, pass) {
-                    Ok(v) => {
-                        assert_eq!(v.family, Family::Portable, "{pass:?} under {budget:?}");
-                        assert!(v.smem_bytes() <= budget.bytes(), "{} under {budget:?}", v.name());
-                    }
-                    // A smaller budget's tiles, not yet enabled (no FLASHATTN_SMEM_LIMIT_KB in this process).
-                    Err(e) => assert!(e.to_string().contains("FLASHATTN_SMEM_LIMIT_KB"), "{e}"),
-                }
+                let v = pick(budget, pass).unwrap();
+                assert_eq!(v.family, Family::Portable, "{pass:?} under {budget:?}");
+                assert!(v.smem_bytes() <= budget.bytes(), "{} under {budget:?}", v.name());
             }
         }
-        // The forward's default tiles fit every budget: always available.
-        assert!(pick(Budget::Small, Pass::Forward).is_ok());
     }
 }
