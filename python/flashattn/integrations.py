@@ -1,6 +1,7 @@
 """flashattn inside other libraries: Hugging Face transformers' attention interface, and the kernels behind
 ``torch.nn.functional.scaled_dot_product_attention``'s flash path."""
 
+import weakref
 from typing import Optional
 
 import torch
@@ -27,11 +28,11 @@ def register_transformers(name: str = TRANSFORMERS_NAME) -> str:
     if "flash" in name.lower():
         raise ValueError(f"transformers would take {name!r} for the flash-attn package: choose a name without 'flash'")
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, transformers_attention)
     # The flash-style mask: None without padding, else the 2-D padding mask that selects the varlen path.
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, _pass_mask)
     return name
 
 
@@ -94,6 +95,33 @@ def _packed_offsets(q: Tensor, kwargs: dict):
     position_ids = kwargs.get("position_ids")
     if position_ids is None or q.shape[0] != 1 or position_ids.shape[-1] != q.shape[1] or q.shape[1] < 2:
         return None
+    if torch.compiler.is_compiling():
+        return _offsets_from_positions(position_ids)
+    # Reading the positions waits for the GPU. Every layer of a forward pass gets the same position_ids tensor,
+    # so the answer is kept for it: one wait per pass, not one per layer. It is dropped when the tensor is written
+    # to (its version counter; inference tensors have none) and when a pass builds its masks (`_pass_mask`).
+    seen, version, offsets = _last_positions
+    now = None if position_ids.is_inference() else position_ids._version
+    if seen is None or seen() is not position_ids or version != now:
+        offsets = _offsets_from_positions(position_ids)
+        _last_positions[:] = [weakref.ref(position_ids), now, offsets]
+    return offsets
+
+
+#: (a weak reference to the last position_ids seen, its version counter, its offsets).
+_last_positions = [None, None, None]
+
+
+def _pass_mask(*args, **kwargs):
+    """transformers' flash-style mask, built once at the start of each forward pass."""
+    from transformers.masking_utils import flash_attention_mask
+
+    _last_positions[:] = [None, None, None]
+    return flash_attention_mask(*args, **kwargs)
+
+
+def _offsets_from_positions(position_ids: Tensor):
+    """Offsets of the sequences whose positions restart at 0 in a row, or None when the positions just count up."""
     positions = position_ids.reshape(-1)
     if bool((positions[1:] - positions[:-1] == 1).all()):
         return None

@@ -154,6 +154,20 @@ def test_transformers_packed_position_ids():
     first, _ = flashattn.integrations.transformers_attention(module, q[:, :, :10], k[:, :, :10], v[:, :, :10], None)
     second, _ = flashattn.integrations.transformers_attention(module, q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], None)
     torch.testing.assert_close(out, torch.cat([first, second], dim=1), rtol=0, atol=0)
+    # The offsets found for a position_ids tensor are kept for it, but not once it is written to.
+    positions.copy_(torch.arange(30)[None])
+    whole, _ = flashattn.integrations.transformers_attention(module, q, k, v, None, position_ids=positions)
+    plain, _ = flashattn.integrations.transformers_attention(module, q, k, v, None)
+    torch.testing.assert_close(whole, plain, rtol=0, atol=0)
+    # Inference tensors have no version counter: a new pass's mask drops what was kept.
+    with torch.inference_mode():
+        positions = torch.cat([torch.arange(10), torch.arange(20)])[None]
+        out, _ = flashattn.integrations.transformers_attention(module, q, k, v, None, position_ids=positions)
+        torch.testing.assert_close(out, torch.cat([first, second], dim=1), rtol=0, atol=0)
+        positions.copy_(torch.arange(30)[None])
+        assert flashattn.integrations._pass_mask(batch_size=1, q_length=30, kv_length=30) is None
+        whole, _ = flashattn.integrations.transformers_attention(module, q, k, v, None, position_ids=positions)
+        torch.testing.assert_close(whole, plain, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------------
