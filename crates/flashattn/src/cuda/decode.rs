@@ -281,8 +281,9 @@ impl Gpu {
 }
 
 /// Splits of each row block's keys: with as many CTAs as the GPU runs at once (`resident`) or more, none; else
-/// enough that the waves of CTAs fill it (the fewest within 85% of the best wave efficiency, as FlashAttention
-/// chooses), never more than the key blocks of the capacity.
+/// enough that the waves of CTAs fill it (the fewest within 95% of the best wave efficiency: a streaming CTA's
+/// time is set by its SM's share of bandwidth, so uneven SMs cost more than more splits; NOTES D-3), never more than
+/// the key blocks of the capacity.
 fn decode_splits(plan: &DecodePlan, variant: Variant, resident: usize, requested: usize) -> usize {
     let most = plan.capacity().div_ceil(variant.decode_block_n()).clamp(1, MAX_DECODE_SPLITS);
     if requested > 0 {
@@ -294,7 +295,7 @@ fn decode_splits(plan: &DecodePlan, variant: Variant, resident: usize, requested
         waves / waves.ceil()
     };
     let best = (1..=most).map(efficiency).fold(0.0, f64::max);
-    (1..=most).find(|&s| efficiency(s) >= 0.85 * best).unwrap_or(1)
+    (1..=most).find(|&s| efficiency(s) >= 0.95 * best).unwrap_or(1)
 }
 
 /// The parameter block of a checked call (the workspace's addresses are filled in at launch).

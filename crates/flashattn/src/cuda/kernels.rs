@@ -414,24 +414,25 @@ impl Variant {
                 let staging = if self.bulk_dq() { t.block_m * (self.hdim + 8) * 4 } else { 0 };
                 (2 * n + 4 * t.block_m) * row + n * (t.block_m + 8) * 2 + 4 * t.block_m * 4 + staging
             }
-            // Q, the K/V ring, and each stage's row slots (8 bytes per row).
-            (_, Pass::Decode) => {
-                let (stages, n) = (self.decode_stages(), self.decode_block_n());
-                (self.block_m() + 2 * stages * n) * row + 8 * stages * n
-            }
+            (_, Pass::Decode) => self.decode_smem(self.decode_warps()),
         }
     }
 
     /// Decode: warps, each taking 16 keys of a shared-memory block: four, or two where four do not fit the
     /// budget (from d = 192 in 99 KB).
     fn decode_warps(&self) -> usize {
-        let stages = self.decode_stages();
-        let four = (self.block_m() + 2 * stages * 64) * (self.hdim + 8) * 2 + 8 * stages * 64;
-        if self.budget == Budget::Large || four <= self.budget.bytes() {
+        if self.budget == Budget::Large || self.decode_smem(4) <= self.budget.bytes() {
             4
         } else {
             2
         }
+    }
+
+    /// Decode's shared memory with this many warps (16 keys each per block): Q, the K/V ring, and each stage's
+    /// row slots (8 bytes per row).
+    fn decode_smem(&self, warps: usize) -> usize {
+        let (stages, n) = (self.decode_stages(), 16 * warps);
+        (self.block_m() + 2 * stages * n) * (self.hdim + 8) * 2 + 8 * stages * n
     }
 
     /// Decode: keys per shared-memory block.

@@ -73,6 +73,11 @@ DEVICE void cp_async16(u32 dst, const void *src, bool pred) {
     int bytes = pred ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
 }
+// The same for data read once, in long runs: the L2 fetches the whole 256-byte span around the chunk.
+DEVICE void cp_async16_stream(u32 dst, const void *src, bool pred) {
+    int bytes = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
 DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 

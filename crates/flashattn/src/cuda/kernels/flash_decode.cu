@@ -95,8 +95,8 @@ DEVICE void load_kv(const DecodeParams &dp, u16 *sK, u16 *sV, const int2 *slots,
     for (int r = threadIdx.x / CHUNKS; r < BLOCK_N; r += ROWS_AT_ONCE) {
         const int2 at = slots[r];
         const bool ok = col && at.x >= 0;
-        cp_async16(k_base + Tile<BLOCK_N>::bytes(r, c), ok ? k + row_offset(at, p.k_batch, p.k_row) : p.k, ok);
-        cp_async16(v_base + Tile<BLOCK_N>::bytes(r, c), ok ? v + row_offset(at, p.v_batch, p.v_row) : p.v, ok);
+        cp_async16_stream(k_base + Tile<BLOCK_N>::bytes(r, c), ok ? k + row_offset(at, p.k_batch, p.k_row) : p.k, ok);
+        cp_async16_stream(v_base + Tile<BLOCK_N>::bytes(r, c), ok ? v + row_offset(at, p.v_batch, p.v_row) : p.v, ok);
     }
 }
 
@@ -228,26 +228,42 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) flash_decode(const Dec
             }
         }
 
-        // Scores in natural units, masked; then the online softmax.
+        // Scores in natural units. Keys every row of the block sees, without score modifiers (all but a
+        // sequence's last block in plain decoding), skip the per-element mask and modifiers.
         const int c0 = n * BLOCK_N + warp * 16;
+        if (!p.alibi && p.softcap == 0.f && mask.full(i_first, i_end, c0, c0 + 16)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= p.scale;
+        } else {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int i = query[mt][hf], j = c0 + nt * 8 + 2 * (lane % 4) + e;
+                            const float s = score_mod(p, slope[mt][hf], i + mask.shift - j, acc_s[mt][nt][2 * hf + e], 0);
+                            acc_s[mt][nt][2 * hf + e] = mask.visible_branching(i, j) ? s : NEG_INF;
+                        }
+        }
+        // The online softmax.
         float corr[MT][2];
         bool moved = false;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-                const int i = query[mt][hf];
                 float mx = row_max[mt][hf];
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int j = c0 + nt * 8 + 2 * (lane % 4) + e;
-                        float s = score_mod(p, slope[mt][hf], i + mask.shift - j, acc_s[mt][nt][2 * hf + e], 0);
-                        if (!mask.visible_branching(i, j)) s = NEG_INF;
-                        acc_s[mt][nt][2 * hf + e] = s;
-                        mx = fmaxf(mx, s);
-                    }
+                    for (int e = 0; e < 2; ++e) mx = fmaxf(mx, acc_s[mt][nt][2 * hf + e]);
                 mx = quad_max(mx);
                 const float base = mx == NEG_INF ? 0.f : mx * LOG2E;
                 corr[mt][hf] = fast_exp2(row_max[mt][hf] * LOG2E - base);
