@@ -8,7 +8,7 @@ use super::kernels::{Family, Pass, Variant};
 use super::params::strides3;
 use super::tensor::{DeviceDType, Workspace, WorkspaceFrom};
 use super::tma;
-use crate::error::Result;
+use crate::error::{AttnError, Result};
 use crate::problem::Plan;
 use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
@@ -142,7 +142,7 @@ impl Gpu {
         unsafe { stream.launch_builder(loaded.before.as_ref().unwrap()).arg(&p).launch(pre) }
             .map_err(driver_err("launching the backward preprocess"))?;
         let main = LaunchConfig {
-            grid_dim: (max_k.div_ceil(variant.bwd_block_n()).max(1) as u32, plan.heads_kv as u32, plan.batch as u32),
+            grid_dim: main_grid(variant, max_k, plan)?,
             block_dim: (variant.threads(), 1, 1),
             shared_mem_bytes: variant.smem_bytes() as u32,
         };
@@ -177,5 +177,23 @@ impl Gpu {
             .map_err(driver_err("launching the dq conversion"))?;
         drop(scratch);
         Ok(layout.bytes)
+    }
+}
+
+/// The main kernel's grid. Hopper: one dimension, key block by key block within groups of (batch, KV head) pairs
+/// (`key_tile` in bwd_common.cuh), so that the longest causal CTAs start first. Portable: (key blocks, KV heads, batch); the one-dimensional index made its
+/// register-tight d = 96 variants spill.
+fn main_grid(variant: Variant, max_k: usize, plan: &Plan) -> Result<(u32, u32, u32)> {
+    let blocks = max_k.div_ceil(variant.bwd_block_n()).max(1);
+    if variant.family != Family::Hopper {
+        return Ok((blocks as u32, plan.heads_kv as u32, plan.batch as u32));
+    }
+    let ctas = blocks * plan.heads_kv * plan.batch;
+    match i32::try_from(ctas) {
+        Ok(n) => Ok((n as u32, 1, 1)),
+        Err(_) => Err(AttnError::Unsupported {
+            what: format!("a backward of {ctas} key blocks x KV heads x sequences"),
+            why: "one launch runs at most 2^31 - 1 CTAs: split the batch".into(),
+        }),
     }
 }

@@ -28,6 +28,23 @@ DEVICE float probability(const AttnParams &p, const Mask &mask, bool need_mask, 
     return need_mask & !mask.visible(i, j) ? 0.f : pr;
 }
 
+// The Hopper backward's CTA: a (batch, KV head, key block), from a one-dimensional grid. The (batch, KV head)
+// pairs go in groups of KEY_TILE_PAIRS, each group's CTAs key block by key block: under a causal mask the longest
+// CTAs (the first key blocks, which the most query blocks see) start first and the short ones fill the waves'
+// tails, while the CTAs running at once share a few pairs' Q and dO in L2 (all pairs at once lost 5-45%, NOTES
+// backward item 16). `from_last` runs each group's key blocks from the last instead.
+#define KEY_TILE_PAIRS 4
+struct KeyTile {
+    int b, hk, n_block;
+};
+DEVICE KeyTile key_tile(const AttnParams &p, bool from_last) {
+    const int pairs = p.batch * p.heads_kv, blocks = gridDim.x / pairs;
+    const int first = blockIdx.x / (KEY_TILE_PAIRS * blocks) * KEY_TILE_PAIRS;
+    const int size = min(KEY_TILE_PAIRS, pairs - first), i = blockIdx.x - first * blocks;
+    const int n = i / size, pair = first + i % size;
+    return KeyTile{pair / p.heads_kv, pair % p.heads_kv, from_last ? blocks - 1 - n : n};
+}
+
 // The query blocks (of block_m rows) that see some key of [n0, n0 + block_n): [lo, hi).
 DEVICE int2 query_blocks(const Mask &mask, const Seq &seq, int n0, int block_n, int block_m) {
     int lo = 0, hi = (seq.len_q + block_m - 1) / block_m;

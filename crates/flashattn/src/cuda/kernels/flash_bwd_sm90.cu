@@ -60,12 +60,13 @@ struct KeyBlock {
 
 DEVICE KeyBlock key_block(const AttnParams &p) {
     KeyBlock kb;
-    kb.b = blockIdx.z;
-    kb.hk = blockIdx.y;
     // Deterministic mode takes key blocks from the last: a query block's dQ additions run from its last key block
     // down (under a causal mask the last is the first to reach it), and a CTA then waits only for CTAs launched
     // before it.
-    kb.n0 = (p.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BLOCK_N;
+    const KeyTile tile = key_tile(p, p.deterministic);
+    kb.b = tile.b;
+    kb.hk = tile.hk;
+    kb.n0 = tile.n_block * BLOCK_N;
     kb.group = p.heads_q / p.heads_kv;
     kb.seq = sequence(p, kb.b);
     kb.mask = make_mask(p, kb.seq);
